@@ -1,0 +1,307 @@
+"""The VirtualMachine API (vmop.dev/v1alpha1): the one definition that the CRD schema is generated from.
+
+Field descriptions are what `kubectl explain` shows, so they are written for the user of the API.
+Validation that the API server can do (enums, bounds, CEL rules) lives here too, as schema extras, so
+that bad input is refused at `kubectl apply` time rather than discovered by the operator.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "vmop.dev"
+VERSION = "v1alpha1"
+KIND = "VirtualMachine"
+PLURAL = "virtualmachines"
+SINGULAR = "virtualmachine"
+SHORT_NAMES = ["lvvm"]
+
+FINALIZER = "vmop.dev/undefine-domain"
+RESTART_ANNOTATION = "vmop.dev/restartedAt"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
+def _validations(*rules: tuple[str, str]) -> dict[str, Any]:
+    """CEL rules for the CRD schema, as (rule, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+class PowerState(StrEnum):
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+    PAUSED = "Paused"
+
+
+class ObservedPowerState(StrEnum):
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+    PAUSED = "Paused"
+    SHUTTING_DOWN = "ShuttingDown"
+    CRASHED = "Crashed"
+    UNKNOWN = "Unknown"
+
+
+class ShutdownMode(StrEnum):
+    GRACEFUL = "Graceful"
+    FORCE = "Force"
+
+
+class ShutdownMethod(StrEnum):
+    ACPI = "ACPI"
+    AGENT = "Agent"
+
+
+class RestartPolicy(StrEnum):
+    ALWAYS = "Always"
+    ON_FAILURE = "OnFailure"
+    NEVER = "Never"
+
+
+class DiskFormat(StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class DiskBus(StrEnum):
+    VIRTIO = "virtio"
+    SATA = "sata"
+    SCSI = "scsi"
+    IDE = "ide"
+
+
+class InterfaceType(StrEnum):
+    NETWORK = "network"
+    BRIDGE = "bridge"
+
+
+class ShutdownPolicy(_Model):
+    mode: ShutdownMode = Field(
+        ShutdownMode.GRACEFUL,
+        description=(
+            "Graceful asks the guest to shut down and forces it off only when the grace period has passed "
+            "(if forceAfterDeadline). Force turns the VM off at once, like pulling the plug. Switching to "
+            "Force while a graceful stop is under way forces the VM off at once."
+        ),
+    )
+    grace_period_seconds: int = Field(
+        120,
+        ge=0,
+        le=86400,
+        description=(
+            "How long the guest gets to shut down. The deadline is the moment the stop was first requested "
+            "plus this. Lowering it during a stop brings the deadline forward; raising it never pushes it back."
+        ),
+    )
+    force_after_deadline: bool = Field(
+        True,
+        description=(
+            "When the deadline passes: true forces the VM off; false never forces, reports the shutdown as "
+            "overdue (condition ShutdownOverdue and an Event) and keeps asking until the guest stops or mode "
+            "is set to Force."
+        ),
+    )
+    retry_interval_seconds: int = Field(
+        10,
+        ge=0,
+        le=86400,
+        description=(
+            "Re-send the shutdown request this often, for guests that miss the first one (a booting OS misses "
+            "the ACPI power button). 0 sends it once."
+        ),
+    )
+    methods: Annotated[
+        list[ShutdownMethod],
+        Field(
+            default_factory=lambda: [ShutdownMethod.ACPI],
+            min_length=1,
+            max_length=2,
+            json_schema_extra={"x-kubernetes-list-type": "set", "default": [ShutdownMethod.ACPI.value]},
+            description=(
+                "How to ask the guest, in order: ACPI (the power button) and Agent (the QEMU guest agent). "
+                "Each request tries them in order and stops at the first the hypervisor accepts; an Agent "
+                "attempt is bounded in time, so a missing or hung agent never delays the next method."
+            ),
+        ),
+    ]
+    on_delete: ShutdownMode = Field(
+        ShutdownMode.GRACEFUL,
+        description=(
+            "What deleting the VirtualMachine does before the domain is undefined: Graceful stops the VM as "
+            "above; Force turns it off at once. Disks are never deleted. The API server ignores "
+            "`kubectl delete --grace-period` for custom resources: set mode to Force to shorten a graceful "
+            "delete that is under way."
+        ),
+    )
+
+
+class Disk(_Model):
+    path: str = Field(
+        min_length=2,
+        max_length=4096,
+        pattern=r"^/",
+        description="Absolute path of the disk image on the node; must lie inside the operator's allowed storage directories.",
+    )
+    format: DiskFormat = Field(DiskFormat.RAW, description="Image format.")
+    bus: DiskBus = Field(DiskBus.VIRTIO, description="The bus the guest sees the disk on.")
+    read_only: bool = Field(False, description="Attach the disk read-only.")
+
+
+class Interface(_Model):
+    type: InterfaceType = Field(description="network: a libvirt network by name; bridge: a host bridge by name.")
+    source: str = Field(min_length=1, max_length=253, description="The libvirt network or host bridge to attach to.")
+    model: str = Field(
+        "virtio", pattern=r"^[a-z0-9_-]{1,32}$", description="The NIC model the guest sees (e.g. virtio, e1000)."
+    )
+    mac_address: str | None = Field(
+        None,
+        pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$",
+        description="A fixed MAC address; libvirt chooses one if unset.",
+    )
+
+
+class DomainSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            ("!has(self.initrd) || has(self.kernel)", "initrd needs kernel (direct kernel boot)"),
+            ("!has(self.cmdline) || has(self.kernel)", "cmdline needs kernel (direct kernel boot)"),
+        )
+    )
+
+    vcpus: int = Field(1, ge=1, le=256, description="Number of virtual CPUs.")
+    memory_mib: int = Field(alias="memoryMiB", ge=8, le=4194304, description="Guest memory in MiB.")
+    kernel: str | None = Field(
+        None,
+        min_length=2,
+        max_length=4096,
+        pattern=r"^/",
+        description=(
+            "Direct kernel boot: absolute path of the kernel on the node. Without it the firmware boots from "
+            "the first disk."
+        ),
+    )
+    initrd: str | None = Field(
+        None, min_length=2, max_length=4096, pattern=r"^/", description="Direct kernel boot: the initrd's path."
+    )
+    cmdline: str | None = Field(None, max_length=4096, description="Direct kernel boot: the kernel command line.")
+    disks: list[Disk] = Field(
+        default_factory=list, max_length=16, description="Disks in boot order. They are never deleted by vmop."
+    )
+    interfaces: list[Interface] = Field(default_factory=list, max_length=16, description="Network interfaces.")
+    guest_agent: bool = Field(
+        False,
+        description=(
+            "Give the guest a QEMU guest agent channel (needed by the Agent shutdown method; the guest must run "
+            "qemu-guest-agent)."
+        ),
+    )
+
+
+class VirtualMachineSpec(_Model):
+    node_name: str = Field(
+        min_length=1,
+        max_length=253,
+        json_schema_extra=_validations(("self == oldSelf", "nodeName is immutable: recreate the VM to move it")),
+        description="The node whose vmop operator owns this VM. Immutable.",
+    )
+    power_state: PowerState = Field(PowerState.RUNNING, description="The power state the VM should be in.")
+    shutdown_policy: ShutdownPolicy = Field(
+        default_factory=ShutdownPolicy,
+        json_schema_extra={"default": {}},
+        description="How the VM may be turned off, on stop, restart and delete.",
+    )
+    restart_policy: RestartPolicy = Field(
+        RestartPolicy.ALWAYS,
+        description=(
+            "What vmop does when the VM stops without being asked (powerState Running): Always starts it "
+            "again; OnFailure starts it again after a crash or an outside destroy, but leaves a guest that "
+            "powered itself off cleanly off; Never leaves it as it is. The status says what happened. A VM "
+            "left off starts again when its spec changes or a restart is requested."
+        ),
+    )
+    domain: DomainSpec = Field(description="The libvirt domain to define for this VM.")
+
+
+class Condition(_Model):
+    type: str = Field(description="Ready: the VM is in its desired power state. Synced: the last reconcile succeeded.")
+    status: str = Field(description="True, False or Unknown.")
+    reason: str = Field(description="A CamelCase word a program can act on.")
+    message: str = Field("", description="What a person needs to know.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(None, description="The spec generation the condition was computed from.")
+
+
+class ShutdownAttempt(_Model):
+    time: datetime = Field(description="When the request was sent.")
+    method: str = Field(description="The method the hypervisor accepted (ACPI or Agent), or None if none was.")
+    message: str = Field("", description="Why earlier methods in the list were not used, if any.")
+
+
+class ShutdownOutcome(StrEnum):
+    GRACEFUL = "Graceful"
+    FORCED = "Forced"
+    GUEST_INITIATED = "GuestInitiated"
+    CRASHED = "Crashed"
+    DESTROYED = "Destroyed"
+    CANCELLED = "Cancelled"
+
+
+class ShutdownPurpose(StrEnum):
+    STOP = "Stop"
+    RESTART = "Restart"
+    DELETE = "Delete"
+    NONE = "None"
+
+
+class ShutdownRecord(_Model):
+    purpose: ShutdownPurpose = Field(
+        description="Why the VM was turned off: Stop, Restart, Delete, or None when nobody asked (the guest or someone else did)."
+    )
+    requested_at: datetime | None = Field(None, description="When vmop first asked for this stop.")
+    deadline: datetime | None = Field(None, description="When vmop forces the VM off (if forceAfterDeadline).")
+    method: str | None = Field(None, description="The method of the latest request (ACPI, Agent or Force).")
+    attempts: int = Field(0, ge=0, description="How many shutdown requests were sent.")
+    recent_attempts: list[ShutdownAttempt] = Field(
+        default_factory=list, description="The latest requests, oldest first (at most 10)."
+    )
+    outcome: ShutdownOutcome | None = Field(
+        None,
+        description=(
+            "How it ended: Graceful (the guest shut down when asked), Forced (turned off at the deadline or "
+            "by mode Force), GuestInitiated (the guest powered itself off unasked), Crashed, Destroyed "
+            "(turned off from outside vmop) or Cancelled (powerState went back to Running first)."
+        ),
+    )
+    completed_at: datetime | None = Field(None, description="When the VM was seen stopped, or the stop cancelled.")
+    generation: int | None = Field(None, description="The spec generation at which the VM stopped unasked.")
+
+
+class VirtualMachineStatus(_Model):
+    power_state: ObservedPowerState = Field(
+        ObservedPowerState.UNKNOWN, description="The power state observed in libvirt."
+    )
+    domain_name: str | None = Field(None, description="The libvirt domain's name.")
+    domain_uuid: str | None = Field(None, description="The libvirt domain's UUID.")
+    observed_generation: int | None = Field(None, description="The spec generation last acted on.")
+    restarted_at: str | None = Field(
+        None, description="The value of the vmop.dev/restartedAt annotation whose restart was last carried out."
+    )
+    shutdown: ShutdownRecord | None = Field(None, description="The latest stop: requested, forced, or unasked.")
+    conditions: Annotated[
+        list[Condition],
+        Field(
+            default_factory=list,
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+            description="Ready, Synced and ShutdownOverdue, following the Kubernetes API conventions.",
+        ),
+    ]
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)

@@ -1,0 +1,139 @@
+"""The libvirt domain definition of a VirtualMachine, built with ElementTree from the model.
+
+Every domain vmop defines carries the VirtualMachine's UID in vmop's own metadata element: that mark is
+what lets the operator tell its domains from anyone else's, and it never touches an unmarked one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.api import DiskBus, DomainSpec, InterfaceType
+
+METADATA_URI = "https://vmop.dev/libvirt/v1alpha1"
+METADATA_PREFIX = "vmop"
+_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+_TARGET_PREFIX = {DiskBus.VIRTIO: "vd", DiskBus.SATA: "sd", DiskBus.SCSI: "sd", DiskBus.IDE: "hd"}
+
+
+@dataclass(frozen=True)
+class HostDefaults:
+    """What the node's operator decides about every domain, whatever the spec says."""
+
+    virt_type: str = "kvm"
+    console_log_dir: Path | None = None
+    tcg_tb_cache_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class Owner:
+    uid: str
+    spec_hash: str
+
+
+def spec_hash(spec: DomainSpec, host: HostDefaults) -> str:
+    """A digest of everything the definition is built from, stored in the domain to detect a changed spec."""
+    material = {"spec": spec.model_dump(mode="json", by_alias=True), "host": repr(host)}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _target_names(spec: DomainSpec) -> list[str]:
+    counters: dict[str, int] = {}
+    names = []
+    for disk in spec.disks:
+        prefix = _TARGET_PREFIX[disk.bus]
+        index = counters.get(prefix, 0)
+        counters[prefix] = index + 1
+        names.append(prefix + "abcdefghijklmnopqrstuvwxyz"[index])
+    return names
+
+
+def build(*, name: str, namespace: str, vm_name: str, uid: str, spec: DomainSpec, host: HostDefaults) -> str:
+    domain = ET.Element("domain", type=host.virt_type)
+    _sub(domain, "name", name)
+    # The Kubernetes UID is a UUID: reusing it makes a redefinition of the same VM update, not clash.
+    _sub(domain, "uuid", uid)
+    metadata = _sub(domain, "metadata")
+    ET.SubElement(
+        metadata,
+        f"{{{METADATA_URI}}}vm",
+        {"uid": uid, "namespace": namespace, "name": vm_name, "specHash": spec_hash(spec, host)},
+    )
+    _sub(domain, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(domain, "vcpu", str(spec.vcpus))
+
+    os_element = _sub(domain, "os")
+    _sub(os_element, "type", "hvm")
+    if spec.kernel:
+        _sub(os_element, "kernel", spec.kernel)
+        if spec.initrd:
+            _sub(os_element, "initrd", spec.initrd)
+        if spec.cmdline:
+            _sub(os_element, "cmdline", spec.cmdline)
+    elif spec.disks:
+        _sub(os_element, "boot", dev="hd")
+    # With nothing to boot, SeaBIOS would reboot every minute; waiting is what a user expects of a stopped boot.
+    _sub(os_element, "bios", rebootTimeout="-1")
+
+    features = _sub(domain, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    if host.virt_type == "qemu" and host.tcg_tb_cache_mib:
+        _sub(_sub(features, "tcg"), "tb-cache", str(host.tcg_tb_cache_mib), unit="MiB")
+    _sub(domain, "clock", offset="utc")
+    _sub(domain, "on_poweroff", "destroy")
+    _sub(domain, "on_reboot", "restart")
+    # A crash must end in a stopped domain whose reason says "crashed", so that restartPolicy can act on it.
+    _sub(domain, "on_crash", "destroy")
+
+    devices = _sub(domain, "devices")
+    for disk, target in zip(spec.disks, _target_names(spec), strict=True):
+        element = _sub(devices, "disk", type="file", device="disk")
+        _sub(element, "driver", name="qemu", type=disk.format.value)
+        _sub(element, "source", file=disk.path)
+        _sub(element, "target", dev=target, bus=disk.bus.value)
+        if disk.read_only:
+            _sub(element, "readonly")
+    for interface in spec.interfaces:
+        element = _sub(devices, "interface", type=interface.type.value)
+        source_attr = "network" if interface.type is InterfaceType.NETWORK else "bridge"
+        _sub(element, "source", **{source_attr: interface.source})
+        _sub(element, "model", type=interface.model)
+        if interface.mac_address:
+            _sub(element, "mac", address=interface.mac_address.lower())
+    if host.console_log_dir is not None:
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=str(host.console_log_dir / f"{name}.log"), append="off")
+    else:
+        serial = _sub(devices, "serial", type="pty")
+    _sub(serial, "target", port="0")
+    if spec.guest_agent:
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "target", type="virtio", name=_AGENT_CHANNEL)
+    _sub(devices, "controller", type="usb", model="none")
+    _sub(devices, "memballoon", model="none")
+    ET.register_namespace(METADATA_PREFIX, METADATA_URI)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def parse_owner(metadata_xml: str | None) -> Owner | None:
+    """vmop's mark from a domain's metadata element (as virDomainGetMetadata returns it), or None."""
+    if not metadata_xml:
+        return None
+    try:
+        element = ET.fromstring(metadata_xml)
+    except ET.ParseError:
+        return None
+    uid = element.get("uid")
+    return Owner(uid=uid, spec_hash=element.get("specHash", "")) if uid else None

@@ -1,0 +1,262 @@
+"""The libvirt adapter: the only module that talks to libvirt.
+
+libvirt-python's calls block, so each runs in a thread pool of its own, large enough that many VMs can
+be forced off at the same instant; the asyncio event loop never waits on libvirt. Lifecycle events come
+through libvirtaio (libvirt's event loop on asyncio) and wake the VM they concern at once. When the
+daemon goes away, calls fail with HypervisorUnavailable and a background task reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+
+from controller import domainxml
+from controller.api import ShutdownMethod
+from controller.reconcile import Domain, DomainState, StopCause
+
+logger = logging.getLogger("vmop.hypervisor")
+T = TypeVar("T")
+
+_STOP_CAUSES = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: StopCause.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopCause.DESTROYED,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopCause.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopCause.CRASHED,
+}
+# Errors that mean the connection, not the request, failed.
+_CONNECTION_ERRORS = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+
+
+class HypervisorUnavailable(Exception):
+    """libvirt cannot be reached; the VM's state is unknown until it can."""
+
+
+class HypervisorError(Exception):
+    """libvirt refused a request; the message says what and why."""
+
+
+def _state(domain: Any) -> tuple[DomainState, StopCause | None]:
+    state, reason = domain.state()
+    if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
+        return DomainState.PAUSED, None
+    if state == libvirt.VIR_DOMAIN_SHUTDOWN:
+        return DomainState.SHUTTING_DOWN, None
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        return DomainState.STOPPED, _STOP_CAUSES.get(reason, StopCause.UNKNOWN)
+    if state == libvirt.VIR_DOMAIN_CRASHED:
+        return DomainState.STOPPED, StopCause.CRASHED
+    return DomainState.RUNNING, None
+
+
+class Hypervisor:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        on_domain_event: Callable[[str], None],
+        on_connection_change: Callable[[bool], None],
+        workers: int = 64,
+        agent_timeout: float = 5.0,
+        graceful_destroy_timeout: float = 5.0,
+        reconnect_max_backoff: float = 30.0,
+    ) -> None:
+        self.uri = uri
+        self._on_domain_event = on_domain_event
+        self._on_connection_change = on_connection_change
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        self._agent_timeout = agent_timeout
+        self._graceful_destroy_timeout = graceful_destroy_timeout
+        self._reconnect_max_backoff = reconnect_max_backoff
+        self._conn: Any = None
+        self._lost = asyncio.Event()
+        self._reconnector: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    async def open(self) -> None:
+        """Register libvirt's event loop on this asyncio loop, then connect (and keep reconnecting)."""
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+        self._lost.set()
+        self._reconnector = asyncio.create_task(self._keep_connected(), name="libvirt-reconnect")
+
+    async def close(self) -> None:
+        """Drop the connection; guests are left exactly as they are."""
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+            await asyncio.gather(self._reconnector, return_exceptions=True)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._run(conn.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _keep_connected(self) -> None:
+        backoff = 0.5
+        while True:
+            await self._lost.wait()
+            try:
+                conn = await self._run(libvirt.open, self.uri)
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+                conn.registerCloseCallback(self._closed, None)
+                # Keepalive makes a dead daemon show as a closed connection instead of a hung call.
+                conn.setKeepAlive(5, 3)
+            except libvirt.libvirtError as error:
+                logger.warning(
+                    "libvirt at %s is unreachable: %s; retrying in %.1fs",
+                    self.uri,
+                    error,
+                    backoff,
+                    extra={"libvirt_uri": self.uri},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._reconnect_max_backoff)
+                continue
+            backoff = 0.5
+            self._conn = conn
+            self._lost.clear()
+            logger.info("connected to libvirt at %s", self.uri, extra={"libvirt_uri": self.uri})
+            self._on_connection_change(True)
+
+    def _lifecycle(self, _conn: Any, domain: Any, event: int, detail: int, _opaque: Any) -> None:
+        self._on_domain_event(domain.name())
+
+    def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        logger.warning("the libvirt connection closed (reason %d); reconnecting", reason)
+        self._disconnected()
+
+    def _disconnected(self) -> None:
+        if self._conn is None:
+            return
+        self._conn = None
+        self._lost.set()
+        self._on_connection_change(False)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run fn(connection) in the pool, turning libvirt's errors into the adapter's two kinds."""
+        conn = self._conn
+        if conn is None:
+            raise HypervisorUnavailable(f"libvirt at {self.uri} is not connected")
+        try:
+            return await self._run(fn, conn)
+        except libvirt.libvirtError as error:
+            if error.get_error_code() in _CONNECTION_ERRORS or not conn.isAlive():
+                self._disconnected()
+                raise HypervisorUnavailable(f"libvirt at {self.uri}: {error}") from error
+            raise HypervisorError(f"{what}: {error}") from error
+
+    async def observe(self, name: str) -> Domain | None:
+        def observe(conn: Any) -> Domain | None:
+            try:
+                domain = conn.lookupByName(name)
+                state, cause = _state(domain)
+                metadata = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domainxml.METADATA_URI, 0)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    raise
+                metadata = None
+            owner = domainxml.parse_owner(metadata)
+            return Domain(
+                uuid=domain.UUIDString(),
+                owner_uid=owner.uid if owner else None,
+                spec_hash=owner.spec_hash if owner else None,
+                state=state,
+                stop_cause=cause,
+            )
+
+        return await self._call(f"observing domain {name}", observe)
+
+    async def define(self, xml: str) -> None:
+        await self._call("defining the domain", lambda conn: conn.defineXML(xml))
+
+    async def start_domain(self, name: str) -> None:
+        await self._call(f"starting {name}", lambda conn: conn.lookupByName(name).create())
+
+    async def suspend(self, name: str) -> None:
+        await self._call(f"pausing {name}", lambda conn: conn.lookupByName(name).suspend())
+
+    async def resume(self, name: str) -> None:
+        await self._call(f"resuming {name}", lambda conn: conn.lookupByName(name).resume())
+
+    async def undefine(self, name: str) -> None:
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        await self._call(f"undefining {name}", lambda conn: conn.lookupByName(name).undefineFlags(flags))
+
+    async def request_shutdown(self, name: str, methods: tuple[ShutdownMethod, ...]) -> tuple[str | None, str]:
+        """Ask the guest by each method in turn; return the method libvirt accepted and why others were not.
+
+        Explicit flags always: with flags 0, libvirt tries the guest agent first, and a missing or hung
+        agent can block that call for about a minute. The agent attempt is bounded twice: libvirt's own
+        agent timeout, and a timeout around the call, so it never delays the ACPI fallback or the deadline.
+        """
+        refusals: list[str] = []
+        for method in methods:
+            try:
+                if method is ShutdownMethod.AGENT:
+                    await asyncio.wait_for(
+                        self._call(f"agent shutdown of {name}", self._agent_shutdown(name)),
+                        timeout=self._agent_timeout + 1,
+                    )
+                else:
+                    await self._call(
+                        f"ACPI shutdown of {name}",
+                        lambda conn: conn.lookupByName(name).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
+                    )
+                return method.value, "; ".join(refusals)
+            except HypervisorError as error:
+                refusals.append(f"{method.value}: {error}")
+            except TimeoutError:
+                refusals.append(f"{method.value}: no answer within {self._agent_timeout:.0f}s")
+        return None, "; ".join(refusals)
+
+    def _agent_shutdown(self, name: str) -> Callable[[Any], None]:
+        def agent_shutdown(conn: Any) -> None:
+            domain = conn.lookupByName(name)
+            # Without an agent channel this fails, and so does shutdownFlags below: at once, with the reason.
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.agentSetResponseTimeout(math.ceil(self._agent_timeout), 0)
+            domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+
+        return agent_shutdown
+
+    async def force_off(self, name: str) -> None:
+        """SIGTERM first (QEMU flushes its caches and exits); SIGKILL only if it is still there after a bound."""
+
+        def destroy(flags: int) -> Callable[[Any], None]:
+            def run(conn: Any) -> None:
+                try:
+                    conn.lookupByName(name).destroyFlags(flags)
+                except libvirt.libvirtError as error:
+                    if error.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
+                        raise
+
+            return run
+
+        try:
+            await asyncio.wait_for(
+                self._call(f"graceful destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)),
+                timeout=self._graceful_destroy_timeout,
+            )
+            return
+        except (TimeoutError, HypervisorError) as error:
+            logger.warning(
+                "graceful destroy of %s did not finish (%s): destroying",
+                name,
+                error or "timeout",
+                extra={"domain": name},
+            )
+        await self._call(f"destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT))

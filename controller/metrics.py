@@ -1,0 +1,59 @@
+"""Prometheus metrics: what an on-call person asks of a shutdown operator, answered without reading logs."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from controller.api import ObservedPowerState, ShutdownOutcome, ShutdownRecord
+
+# Shutdowns last from a fraction of a second to the longest grace period (a day).
+_DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 86400)
+# A forced stop should land within milliseconds of its deadline; anything near a second is a problem.
+_OVERSHOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.vms = Gauge(
+            "vmop_virtual_machines",
+            "VirtualMachines of this node by observed power state.",
+            ["power_state"],
+            registry=self.registry,
+        )
+        self.shutdowns = Counter("vmop_shutdowns", "Finished stops by outcome.", ["outcome"], registry=self.registry)
+        self.shutdown_seconds = Histogram(
+            "vmop_shutdown_duration_seconds",
+            "From the first shutdown request to the VM seen stopped, by outcome.",
+            ["outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.force_overshoot = Histogram(
+            "vmop_forced_stop_after_deadline_seconds",
+            "How long after its deadline each forced stop was seen done.",
+            buckets=_OVERSHOOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "vmop_reconcile_errors", "Reconciles that failed, by kind of failure.", ["kind"], registry=self.registry
+        )
+        self.libvirt_connected = Gauge(
+            "vmop_libvirt_connected", "1 while the libvirt connection is up.", registry=self.registry
+        )
+
+    def stop_finished(self, record: ShutdownRecord) -> None:
+        if record.outcome is None or record.completed_at is None:
+            return
+        self.shutdowns.labels(record.outcome.value).inc()
+        if record.requested_at is not None:
+            seconds = (record.completed_at - record.requested_at).total_seconds()
+            self.shutdown_seconds.labels(record.outcome.value).observe(seconds)
+        if record.outcome is ShutdownOutcome.FORCED and record.deadline is not None:
+            self.force_overshoot.observe(max(0.0, (record.completed_at - record.deadline).total_seconds()))
+
+    def power_states(self, states: Tally[ObservedPowerState]) -> None:
+        for state in ObservedPowerState:
+            self.vms.labels(state.value).set(states.get(state, 0))

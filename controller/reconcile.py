@@ -1,0 +1,518 @@
+"""The reconcile decision: from desired state, observed domain, status and the clock, the next step.
+
+This is controller-runtime's Reconcile contract as a pure function: level-triggered (it reads the whole
+situation every time, never an edge), idempotent (deciding again on the same inputs changes nothing
+more), and it says when to look again. It has no I/O: the shell observes libvirt and Kubernetes, calls
+`decide`, writes the status it returns, posts the events, and performs the one action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from controller import shutdown
+from controller.api import (
+    Condition,
+    ObservedPowerState,
+    PowerState,
+    RestartPolicy,
+    ShutdownMethod,
+    ShutdownMode,
+    ShutdownOutcome,
+    ShutdownPurpose,
+    ShutdownRecord,
+    VirtualMachineSpec,
+    VirtualMachineStatus,
+)
+
+
+class DomainState(StrEnum):
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SHUTTING_DOWN = "ShuttingDown"
+    STOPPED = "Stopped"
+
+
+class StopCause(StrEnum):
+    """Why a stopped domain stopped, as libvirt reports it."""
+
+    SHUTDOWN = "Shutdown"
+    DESTROYED = "Destroyed"
+    CRASHED = "Crashed"
+    UNKNOWN = "Unknown"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The libvirt domain as observed; owner_uid is None for a domain without vmop's metadata."""
+
+    uuid: str
+    owner_uid: str | None
+    spec_hash: str | None
+    state: DomainState
+    stop_cause: StopCause | None = None
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    """The VirtualMachine as read from Kubernetes; spec is None when it could not be read (spec_error says why)."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    deleting: bool
+    has_finalizer: bool
+    restart_token: str | None
+    spec: VirtualMachineSpec | None
+    status: VirtualMachineStatus
+    spec_error: str | None = None
+
+
+class ActionKind(StrEnum):
+    ADD_FINALIZER = "AddFinalizer"
+    REMOVE_FINALIZER = "RemoveFinalizer"
+    DEFINE = "Define"
+    START = "Start"
+    SUSPEND = "Suspend"
+    RESUME = "Resume"
+    REQUEST_SHUTDOWN = "RequestShutdown"
+    FORCE_OFF = "ForceOff"
+    UNDEFINE = "Undefine"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    methods: tuple[ShutdownMethod, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the shell does: write status (if changed), post events, take the action, look again at wake_at."""
+
+    status: VirtualMachineStatus
+    action: Action | None = None
+    events: tuple[Event, ...] = ()
+    wake_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs of the decision that are the operator's, not the user's."""
+
+    resync: timedelta = timedelta(minutes=5)
+
+
+# Outcomes of stops nobody asked for, and whether each restartPolicy undoes them.
+_UNASKED_OUTCOMES = {ShutdownOutcome.GUEST_INITIATED, ShutdownOutcome.CRASHED, ShutdownOutcome.DESTROYED}
+_RUNNING_STATES = {ObservedPowerState.RUNNING, ObservedPowerState.PAUSED, ObservedPowerState.SHUTTING_DOWN}
+
+
+def restarts(policy: RestartPolicy, outcome: ShutdownOutcome) -> bool:
+    if policy is RestartPolicy.ALWAYS:
+        return True
+    if policy is RestartPolicy.ON_FAILURE:
+        return outcome is not ShutdownOutcome.GUEST_INITIATED
+    return False
+
+
+def set_condition(
+    conditions: list[Condition],
+    *,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int,
+) -> list[Condition]:
+    """Replace one condition, keeping lastTransitionTime unless the status really changed."""
+    old = next((c for c in conditions if c.type == type_), None)
+    changed = old is None or old.status != status
+    condition = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=now.replace(microsecond=0) if changed or old is None else old.last_transition_time,
+        observed_generation=generation,
+    )
+    return [c for c in conditions if c.type != type_] + [condition]
+
+
+def _seconds(delta: timedelta) -> str:
+    return f"{delta.total_seconds():.2f}s"
+
+
+@dataclass
+class _Decision:
+    """Accumulates one decision: the status to write and the events to post."""
+
+    vm: VirtualMachine
+    now: datetime
+    settings: Settings
+    status: VirtualMachineStatus
+    events: list[Event] = field(default_factory=list)
+    ready: tuple[str, str, str] = ("Unknown", "Reconciling", "")
+    synced: tuple[str, str, str] = ("True", "Reconciled", "")
+    overdue: tuple[str, str, str] | None = None
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def update(self, **changes: object) -> None:
+        self.status = self.status.model_copy(update=changes)
+
+    def plan(self, action: Action | None = None, wake_at: datetime | None = None) -> Plan:
+        resync_at = self.now + self.settings.resync
+        conditions = list(self.status.conditions)
+        generation = self.vm.generation
+        for type_, value in (("Ready", self.ready), ("Synced", self.synced), ("ShutdownOverdue", self.overdue)):
+            if value is None:
+                continue
+            condition_status, reason, message = value
+            conditions = set_condition(
+                conditions,
+                type_=type_,
+                status=condition_status,
+                reason=reason,
+                message=message,
+                now=self.now,
+                generation=generation,
+            )
+        status = self.status.model_copy(update={"conditions": conditions})
+        if self.synced[0] == "True":
+            status = status.model_copy(update={"observed_generation": generation})
+        return Plan(
+            status=status,
+            action=action,
+            events=tuple(self.events),
+            wake_at=min(wake_at, resync_at) if wake_at else resync_at,
+        )
+
+
+def decide(
+    vm: VirtualMachine,
+    domain: Domain | None,
+    now: datetime,
+    *,
+    expected_spec_hash: str | None,
+    storage_problems: tuple[str, ...] = (),
+    settings: Settings = Settings(),
+) -> Plan:
+    """The next step for one VM. expected_spec_hash identifies the domain definition the spec asks for."""
+    d = _Decision(vm=vm, now=now, settings=settings, status=vm.status)
+    previous_synced = vm.status.condition("Synced")
+
+    def warn_once(reason: str, message: str) -> None:
+        if previous_synced is None or previous_synced.reason != reason:
+            d.event("Warning", reason, message)
+
+    if domain is not None and domain.owner_uid != vm.uid:
+        message = (
+            f"a libvirt domain named {_domain_name(vm)} exists and is not this VirtualMachine's "
+            f"(uid {domain.owner_uid or 'none: not defined by vmop'}); vmop leaves it alone"
+        )
+        d.synced = ("False", "DomainConflict", message)
+        d.ready = ("False", "DomainConflict", message)
+        warn_once("DomainConflict", message)
+        return d.plan(Action(ActionKind.REMOVE_FINALIZER) if vm.deleting and vm.has_finalizer else None)
+
+    if vm.spec is None:
+        message = f"the spec cannot be read: {vm.spec_error}"
+        d.synced = ("False", "InvalidSpec", message)
+        d.ready = ("Unknown", "InvalidSpec", message)
+        warn_once("InvalidSpec", message)
+        if vm.deleting and domain is None and vm.has_finalizer:
+            return d.plan(Action(ActionKind.REMOVE_FINALIZER))
+        return d.plan()
+
+    spec = vm.spec
+    if domain is not None:
+        d.update(domain_name=_domain_name(vm), domain_uuid=domain.uuid, power_state=_observed(domain, vm.status))
+
+    if vm.deleting:
+        return _delete(d, spec, domain)
+
+    if not vm.has_finalizer:
+        d.ready = ("False", "Initializing", "adding the finalizer that undefines the domain on delete")
+        return d.plan(Action(ActionKind.ADD_FINALIZER))
+
+    if storage_problems:
+        message = "; ".join(storage_problems)
+        d.synced = ("False", "StorageNotAllowed", message)
+        warn_once("StorageNotAllowed", message)
+        if domain is None:
+            d.ready = ("False", "StorageNotAllowed", "nothing is defined until the paths are allowed")
+            d.update(power_state=ObservedPowerState.STOPPED)
+            return d.plan()
+
+    if domain is None:
+        d.update(domain_name=_domain_name(vm), power_state=ObservedPowerState.STOPPED, restarted_at=vm.restart_token)
+        d.ready = ("False", "Defining", "defining the libvirt domain")
+        d.event("Normal", "Defined", f"defining libvirt domain {_domain_name(vm)}")
+        return d.plan(Action(ActionKind.DEFINE))
+
+    if not storage_problems and domain.spec_hash != expected_spec_hash:
+        d.event("Normal", "DefinitionUpdated", "the spec changed: redefining the domain (takes effect at next start)")
+        return d.plan(Action(ActionKind.DEFINE))
+
+    target = spec.power_state
+    restart_pending = vm.restart_token is not None and vm.restart_token != vm.status.restarted_at
+    if restart_pending and target is not PowerState.STOPPED and domain.state is not DomainState.STOPPED:
+        return _stop(d, spec, domain, ShutdownPurpose.RESTART)
+    if restart_pending:
+        # The restart's stop is done (or there was nothing to stop): what remains is to start, once.
+        d.update(restarted_at=vm.restart_token)
+    if target is PowerState.STOPPED:
+        return _stop(d, spec, domain, ShutdownPurpose.STOP)
+    return _run(d, spec, domain, target, blocked=bool(storage_problems), restart=restart_pending)
+
+
+def _domain_name(vm: VirtualMachine) -> str:
+    # "_" is allowed in neither namespace nor object names, so names from different namespaces never clash.
+    return f"{vm.namespace}_{vm.name}"
+
+
+def domain_name(namespace: str, name: str) -> str:
+    return f"{namespace}_{name}"
+
+
+def _observed(domain: Domain, status: VirtualMachineStatus) -> ObservedPowerState:
+    active = status.shutdown is not None and status.shutdown.outcome is None
+    match domain.state:
+        case DomainState.RUNNING:
+            return ObservedPowerState.SHUTTING_DOWN if active else ObservedPowerState.RUNNING
+        case DomainState.PAUSED:
+            return ObservedPowerState.PAUSED
+        case DomainState.SHUTTING_DOWN:
+            return ObservedPowerState.SHUTTING_DOWN
+        case DomainState.STOPPED:
+            return ObservedPowerState.CRASHED if domain.stop_cause is StopCause.CRASHED else ObservedPowerState.STOPPED
+
+
+def _active(status: VirtualMachineStatus) -> ShutdownRecord | None:
+    record = status.shutdown
+    return record if record is not None and record.outcome is None else None
+
+
+def _finish_requested_stop(d: _Decision, record: ShutdownRecord, domain: Domain) -> None:
+    """The VM stopped while vmop was stopping it: say how, and how long it took."""
+    assert record.deadline is not None
+    assert record.requested_at is not None
+    past_deadline = d.now >= record.deadline
+    match domain.stop_cause:
+        case StopCause.CRASHED:
+            outcome = ShutdownOutcome.CRASHED
+        case StopCause.DESTROYED:
+            outcome = ShutdownOutcome.FORCED if past_deadline else ShutdownOutcome.DESTROYED
+        case StopCause.SHUTDOWN:
+            outcome = ShutdownOutcome.GRACEFUL
+        case _:
+            outcome = ShutdownOutcome.FORCED if past_deadline else ShutdownOutcome.GRACEFUL
+    d.update(shutdown=shutdown.complete(record, outcome, d.now), power_state=_observed(domain, d.status))
+    took = _seconds(d.now - record.requested_at)
+    match outcome:
+        case ShutdownOutcome.GRACEFUL:
+            d.event(
+                "Normal",
+                "StoppedGracefully",
+                f"the guest shut down {took} after the first request ({record.attempts} request(s), {record.method})",
+            )
+        case ShutdownOutcome.FORCED:
+            d.event("Normal", "ForcedOff", f"forced off {_seconds(d.now - record.deadline)} after the deadline")
+        case ShutdownOutcome.CRASHED:
+            d.event("Warning", "Crashed", f"the guest crashed {took} into its shutdown")
+        case _:
+            d.event("Warning", "DestroyedOutside", f"the domain was destroyed outside vmop {took} into its shutdown")
+
+
+def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: ShutdownPurpose) -> Plan:
+    record = _active(d.status)
+    policy = shutdown.policy_for(spec.shutdown_policy, purpose)
+    if domain.state is DomainState.STOPPED:
+        if record is not None:
+            _finish_requested_stop(d, record, domain)
+        d.ready = ("True", "Stopped", "")
+        if d.status.condition("ShutdownOverdue") is not None:
+            d.overdue = ("False", "Stopped", "")
+        return d.plan()
+
+    graceful = policy.mode is not ShutdownMode.FORCE
+    if record is None:
+        if domain.state is DomainState.PAUSED and graceful:
+            return _resume_to_hear(d)
+        record = shutdown.begin(policy, purpose, d.now)
+        deadline = record.deadline
+        assert deadline is not None
+        verb = {ShutdownPurpose.RESTART: "restart", ShutdownPurpose.DELETE: "delete"}.get(purpose, "stop")
+        if graceful:
+            d.event(
+                "Normal",
+                "StopRequested",
+                f"{verb}: asking the guest to shut down ({', '.join(m.value for m in policy.methods)}); "
+                f"deadline {deadline.isoformat()} ({policy.grace_period_seconds}s)",
+            )
+        else:
+            d.event("Normal", "ForcingOff", f"{verb}: turning the VM off at once (mode Force)")
+
+    step = shutdown.next_step(policy, record, d.now)
+    d.update(shutdown=step.record)
+    if domain.state is DomainState.PAUSED and step.kind is not shutdown.StepKind.FORCE:
+        return _resume_to_hear(d)
+    d.update(power_state=ObservedPowerState.SHUTTING_DOWN)
+    d.ready = ("False", "ShuttingDown", f"shutting down; deadline {step.record.deadline}")
+    if step.overdue:
+        # Also on the re-sends after the deadline, so that Ready does not flap on every request.
+        message = (
+            f"the deadline {step.record.deadline} passed and forceAfterDeadline is false: still asking the guest; "
+            "set shutdownPolicy.mode to Force to turn it off"
+        )
+        d.ready = ("False", "ShutdownOverdue", message)
+        d.overdue = ("True", "DeadlinePassed", message)
+        previous = d.vm.status.condition("ShutdownOverdue")
+        if previous is None or previous.status != "True":
+            d.event("Warning", "ShutdownOverdue", message)
+    match step.kind:
+        case shutdown.StepKind.FORCE:
+            return d.plan(Action(ActionKind.FORCE_OFF))
+        case shutdown.StepKind.REQUEST:
+            if step.record.attempts > 0:
+                d.event(
+                    "Normal",
+                    "StopRequestResent",
+                    f"re-sending the shutdown request ({', '.join(m.value for m in step.methods)}), "
+                    f"request {step.record.attempts + 1}; deadline {step.record.deadline}",
+                )
+            return d.plan(Action(ActionKind.REQUEST_SHUTDOWN, methods=step.methods))
+    return d.plan(wake_at=step.wake_at)
+
+
+def _resume_to_hear(d: _Decision) -> Plan:
+    """A paused guest cannot hear a shutdown request; the grace period counts from the request, not from here."""
+    message = "resuming the paused guest so that it can hear the shutdown request"
+    d.ready = ("False", "Resuming", message)
+    d.event("Normal", "Resuming", message)
+    return d.plan(Action(ActionKind.RESUME))
+
+
+def _run(
+    d: _Decision, spec: VirtualMachineSpec, domain: Domain, target: PowerState, *, blocked: bool, restart: bool
+) -> Plan:
+    record = _active(d.status)
+    if domain.state in (DomainState.RUNNING, DomainState.PAUSED) and record is not None:
+        assert record.purpose is not ShutdownPurpose.NONE
+        d.update(
+            shutdown=shutdown.complete(record, ShutdownOutcome.CANCELLED, d.now),
+            power_state=_observed(domain, d.status),
+        )
+        d.event(
+            "Normal", "StopCancelled", f"powerState is {target.value} again: the stop is cancelled, nothing is forced"
+        )
+        if d.status.condition("ShutdownOverdue") is not None:
+            d.overdue = ("False", "Cancelled", "")
+
+    match domain.state:
+        case DomainState.RUNNING if target is PowerState.PAUSED:
+            d.ready = ("False", "Pausing", "")
+            d.event("Normal", "Pausing", "pausing the guest")
+            return d.plan(Action(ActionKind.SUSPEND))
+        case DomainState.PAUSED if target is PowerState.RUNNING:
+            d.ready = ("False", "Resuming", "")
+            d.event("Normal", "Resuming", "resuming the guest")
+            return d.plan(Action(ActionKind.RESUME))
+        case DomainState.RUNNING | DomainState.PAUSED:
+            d.ready = ("True", target.value, "")
+            return d.plan()
+        case DomainState.SHUTTING_DOWN:
+            d.ready = ("False", "GuestShuttingDown", "the guest is shutting itself down")
+            return d.plan()
+
+    # The domain is stopped while it should run.
+    if record is not None:
+        _finish_requested_stop(d, record, domain)
+        return _start(d, blocked, "restarting: the stop is done" if restart else "starting")
+    last = d.status.shutdown
+    if last is not None and last.outcome is ShutdownOutcome.CANCELLED and last.deadline and d.now < last.deadline:
+        return _start(d, blocked, "the guest powered off after a cancelled stop: starting it again")
+    if d.vm.status.power_state in _RUNNING_STATES:
+        outcome = {
+            StopCause.SHUTDOWN: ShutdownOutcome.GUEST_INITIATED,
+            StopCause.CRASHED: ShutdownOutcome.CRASHED,
+        }.get(domain.stop_cause or StopCause.UNKNOWN, ShutdownOutcome.DESTROYED)
+        last = ShutdownRecord(
+            purpose=ShutdownPurpose.NONE, outcome=outcome, completed_at=d.now, generation=d.vm.generation
+        )
+        d.update(shutdown=last)
+        what = {
+            ShutdownOutcome.GUEST_INITIATED: "the guest powered itself off",
+            ShutdownOutcome.CRASHED: "the guest crashed",
+        }.get(outcome, "the domain was turned off outside vmop")
+        d.event("Warning", f"Stopped{outcome.value}", f"{what} while powerState is {target.value}")
+    if (
+        not restart
+        and last is not None
+        and last.purpose is ShutdownPurpose.NONE
+        and last.outcome in _UNASKED_OUTCOMES
+        and last.generation == d.vm.generation
+        and not restarts(spec.restart_policy, last.outcome)
+    ):
+        d.ready = (
+            "False",
+            f"Stopped{last.outcome.value}",
+            f"left off by restartPolicy {spec.restart_policy.value}; change the spec or set the "
+            "vmop.dev/restartedAt annotation to start it",
+        )
+        return d.plan()
+    reason = (
+        f"restartPolicy {spec.restart_policy.value}: starting again"
+        if last is not None and last.purpose is ShutdownPurpose.NONE and last.generation == d.vm.generation
+        else "starting"
+    )
+    return _start(d, blocked, reason)
+
+
+def _start(d: _Decision, blocked: bool, why: str) -> Plan:
+    if blocked:
+        d.ready = ("False", "StorageNotAllowed", "not started while the spec's paths are refused")
+        return d.plan()
+    d.ready = ("False", "Starting", why)
+    d.event("Normal", "Starting", why)
+    return d.plan(Action(ActionKind.START))
+
+
+def _delete(d: _Decision, spec: VirtualMachineSpec, domain: Domain | None) -> Plan:
+    if domain is None:
+        d.ready = ("False", "Deleting", "the domain is undefined")
+        return d.plan(Action(ActionKind.REMOVE_FINALIZER) if d.vm.has_finalizer else None)
+    if domain.state is DomainState.STOPPED:
+        record = _active(d.status)
+        if record is not None:
+            _finish_requested_stop(d, record, domain)
+        d.ready = ("False", "Deleting", "undefining the domain (disks are kept)")
+        d.event("Normal", "Undefining", f"undefining libvirt domain {_domain_name(d.vm)}; disks are kept")
+        return d.plan(Action(ActionKind.UNDEFINE))
+    return _stop(d, spec, domain, ShutdownPurpose.DELETE)
+
+
+def unreachable(vm: VirtualMachine, error: str, now: datetime, settings: Settings = Settings()) -> Plan:
+    """libvirt cannot be asked: the state is unknown, and nothing is lost (a deadline waits in status)."""
+    d = _Decision(vm=vm, now=now, settings=settings, status=vm.status)
+    message = f"libvirt is unreachable: {error}; reconnecting"
+    d.update(power_state=ObservedPowerState.UNKNOWN)
+    d.ready = ("Unknown", "HypervisorUnreachable", message)
+    d.synced = ("False", "HypervisorUnreachable", message)
+    previous = vm.status.condition("Synced")
+    if previous is None or previous.reason != "HypervisorUnreachable":
+        d.event("Warning", "HypervisorUnreachable", message)
+    return d.plan()

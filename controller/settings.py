@@ -1,0 +1,172 @@
+"""The operator's settings: one typed object built from flags, each with an environment variable fallback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from controller.domainxml import HostDefaults
+from controller.storage import DEFAULT_ALLOWED_DIRS
+
+
+@dataclass(frozen=True)
+class Settings:
+    node_name: str
+    libvirt_uri: str
+    kubeconfig: Path | None
+    allowed_storage_dirs: tuple[Path, ...]
+    host: HostDefaults
+    resync: timedelta
+    log_format: str
+    log_level: str
+    metrics_port: int
+    health_port: int
+    libvirt_workers: int
+    agent_timeout: float
+    graceful_destroy_timeout: float
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"VMOP_{name}", default)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmop",
+        description=(
+            "vmop: runs the VirtualMachines of one node on its libvirt, and turns them off by asking the guest "
+            "first, forcing only at the deadline. Every flag can also be set by the environment variable named "
+            "in brackets."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME"),
+        help="[NODE_NAME] the node this operator serves: it touches only VirtualMachines whose "
+        "spec.nodeName is this (set it from the downward API spec.nodeName)",
+    )
+    p.add_argument(
+        "--libvirt-uri",
+        default=_env("LIBVIRT_URI", "qemu:///system"),
+        help="[VMOP_LIBVIRT_URI] the libvirt connection URI",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="[KUBECONFIG] kubeconfig file; without it the in-cluster service account is used",
+    )
+    p.add_argument(
+        "--allowed-storage-dir",
+        action="append",
+        dest="allowed_storage_dirs",
+        default=None,
+        help="[VMOP_ALLOWED_STORAGE_DIRS, colon-separated] a directory kernels, initrds and disks may "
+        f"resolve into (repeatable; default {':'.join(map(str, DEFAULT_ALLOWED_DIRS))})",
+    )
+    p.add_argument(
+        "--virt-type",
+        choices=["kvm", "qemu"],
+        default=_env("VIRT_TYPE", "kvm"),
+        help="[VMOP_VIRT_TYPE] libvirt domain type: kvm (hardware virtualization) or qemu (TCG "
+        "emulation, for hosts where KVM does not work)",
+    )
+    p.add_argument(
+        "--console-log-dir",
+        default=_env("CONSOLE_LOG_DIR"),
+        help="[VMOP_CONSOLE_LOG_DIR] write each guest's serial console to DIR/<domain>.log "
+        "(default: a pty, for virsh console)",
+    )
+    p.add_argument(
+        "--tcg-tb-cache-mib",
+        type=int,
+        default=_env("TCG_TB_CACHE_MIB"),
+        help="[VMOP_TCG_TB_CACHE_MIB] TCG translation cache per guest (qemu type only; lowers memory)",
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=float(_env("RESYNC_SECONDS", "300") or 300),
+        help="[VMOP_RESYNC_SECONDS] look at every VM at least this often, in case an event was missed",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=_env("LOG_FORMAT", "json"),
+        help="[VMOP_LOG_FORMAT] log line format",
+    )
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[VMOP_LOG_LEVEL] log level")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "9090") or 9090),
+        help="[VMOP_METRICS_PORT] port of the Prometheus /metrics endpoint (0 disables it)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=int(_env("HEALTH_PORT", "8080") or 8080),
+        help="[VMOP_HEALTH_PORT] port of the /healthz endpoint (liveness and readiness)",
+    )
+    p.add_argument(
+        "--libvirt-workers",
+        type=int,
+        default=int(_env("LIBVIRT_WORKERS", "64") or 64),
+        help="[VMOP_LIBVIRT_WORKERS] threads for blocking libvirt calls: how many VMs can be acted on "
+        "at the same instant (libvirtd's max_client_requests must allow as many)",
+    )
+    p.add_argument(
+        "--agent-timeout",
+        type=float,
+        default=float(_env("AGENT_TIMEOUT", "5") or 5),
+        help="[VMOP_AGENT_TIMEOUT] seconds a guest-agent shutdown request may take before ACPI is tried",
+    )
+    p.add_argument(
+        "--graceful-destroy-timeout",
+        type=float,
+        default=float(_env("GRACEFUL_DESTROY_TIMEOUT", "5") or 5),
+        help="[VMOP_GRACEFUL_DESTROY_TIMEOUT] at the deadline QEMU gets SIGTERM first; seconds before "
+        "it is killed outright",
+    )
+    return p
+
+
+def from_args(argv: Sequence[str] | None = None) -> Settings:
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.node_name:
+        p.error("--node-name (or NODE_NAME) is required: the operator serves exactly one node")
+    dirs = args.allowed_storage_dirs
+    if dirs is None:
+        from_env = _env("ALLOWED_STORAGE_DIRS")
+        dirs = from_env.split(":") if from_env else [str(d) for d in DEFAULT_ALLOWED_DIRS]
+    for value, flag in (
+        (args.resync_seconds, "--resync-seconds"),
+        (args.agent_timeout, "--agent-timeout"),
+        (args.graceful_destroy_timeout, "--graceful-destroy-timeout"),
+    ):
+        if value <= 0:
+            p.error(f"{flag} must be positive")
+    return Settings(
+        node_name=args.node_name,
+        libvirt_uri=args.libvirt_uri,
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        allowed_storage_dirs=tuple(Path(d) for d in dirs if d),
+        host=HostDefaults(
+            virt_type=args.virt_type,
+            console_log_dir=Path(args.console_log_dir) if args.console_log_dir else None,
+            tcg_tb_cache_mib=int(args.tcg_tb_cache_mib) if args.tcg_tb_cache_mib else None,
+        ),
+        resync=timedelta(seconds=args.resync_seconds),
+        log_format=args.log_format,
+        log_level=args.log_level.upper(),
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        libvirt_workers=args.libvirt_workers,
+        agent_timeout=args.agent_timeout,
+        graceful_destroy_timeout=args.graceful_destroy_timeout,
+    )

@@ -1,0 +1,109 @@
+"""Shutdown escalation: ask the guest, ask again at an interval, force at the deadline.
+
+Pure functions of (policy, shutdown record, now). The record lives in the VM's status and is written
+before the first request is sent, so an operator that is killed mid-shutdown and restarted keeps the
+original deadline: deadlines are instants on the wall clock, never counted sleeps (Nova's timer of
+one-second sleeps overshot by up to 50%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from controller.api import (
+    ShutdownAttempt,
+    ShutdownMethod,
+    ShutdownMode,
+    ShutdownOutcome,
+    ShutdownPolicy,
+    ShutdownPurpose,
+    ShutdownRecord,
+)
+
+RECENT_ATTEMPTS_KEPT = 10
+FORCE_METHOD = "Force"
+
+
+class StepKind(StrEnum):
+    REQUEST = "Request"
+    FORCE = "Force"
+    WAIT = "Wait"
+
+
+@dataclass(frozen=True)
+class Step:
+    """The next step of one VM's shutdown."""
+
+    kind: StepKind
+    record: ShutdownRecord
+    methods: tuple[ShutdownMethod, ...] = ()
+    overdue: bool = False
+    wake_at: datetime | None = None
+
+
+def policy_for(policy: ShutdownPolicy, purpose: ShutdownPurpose) -> ShutdownPolicy:
+    """The policy a stop of this purpose follows: deletion may be forced by onDelete."""
+    if purpose is ShutdownPurpose.DELETE and policy.on_delete is ShutdownMode.FORCE:
+        return policy.model_copy(update={"mode": ShutdownMode.FORCE})
+    return policy
+
+
+def begin(policy: ShutdownPolicy, purpose: ShutdownPurpose, now: datetime) -> ShutdownRecord:
+    forced = policy.mode is ShutdownMode.FORCE
+    return ShutdownRecord(
+        purpose=purpose,
+        requested_at=now,
+        deadline=now if forced else now + timedelta(seconds=policy.grace_period_seconds),
+        method=FORCE_METHOD if forced else None,
+    )
+
+
+def effective_deadline(policy: ShutdownPolicy, record: ShutdownRecord, now: datetime) -> datetime:
+    """The deadline under the current policy: it may come forward, never go back (as for pods)."""
+    assert record.requested_at is not None
+    assert record.deadline is not None
+    deadline = min(record.deadline, record.requested_at + timedelta(seconds=policy.grace_period_seconds))
+    if policy.mode is ShutdownMode.FORCE:
+        deadline = min(deadline, now)
+    return deadline
+
+
+def last_attempt_at(record: ShutdownRecord) -> datetime | None:
+    return record.recent_attempts[-1].time if record.recent_attempts else None
+
+
+def next_step(policy: ShutdownPolicy, record: ShutdownRecord, now: datetime) -> Step:
+    deadline = effective_deadline(policy, record, now)
+    if deadline != record.deadline:
+        record = record.model_copy(update={"deadline": deadline})
+    forcing = policy.mode is ShutdownMode.FORCE or policy.force_after_deadline
+    if forcing and now >= deadline:
+        return Step(StepKind.FORCE, record.model_copy(update={"method": FORCE_METHOD}))
+    # Past the deadline without forcing: overdue on every step from now on, re-sends included.
+    overdue = now >= deadline
+    methods = tuple(policy.methods)
+    last = last_attempt_at(record)
+    if record.attempts == 0 or last is None:
+        return Step(StepKind.REQUEST, record, methods=methods, overdue=overdue)
+    next_retry = last + timedelta(seconds=policy.retry_interval_seconds) if policy.retry_interval_seconds else None
+    if next_retry is not None and now >= next_retry:
+        return Step(StepKind.REQUEST, record, methods=methods, overdue=overdue)
+    wakes = [t for t in (next_retry, None if overdue else deadline) if t is not None]
+    return Step(StepKind.WAIT, record, overdue=overdue, wake_at=min(wakes) if wakes else None)
+
+
+def record_attempt(record: ShutdownRecord, *, method: str | None, message: str, now: datetime) -> ShutdownRecord:
+    attempt = ShutdownAttempt(time=now, method=method or "None", message=message)
+    return record.model_copy(
+        update={
+            "attempts": record.attempts + 1,
+            "method": method or record.method,
+            "recent_attempts": [*record.recent_attempts, attempt][-RECENT_ATTEMPTS_KEPT:],
+        }
+    )
+
+
+def complete(record: ShutdownRecord, outcome: ShutdownOutcome, now: datetime) -> ShutdownRecord:
+    return record.model_copy(update={"outcome": outcome, "completed_at": now})

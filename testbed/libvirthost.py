@@ -1,0 +1,546 @@
+"""A private, unprivileged libvirtd with real QEMU guests, one per test bed.
+
+Each bed runs its own session daemon as the libvirt-qemu user with all state under its own work
+directory, so several beds (parallel CI jobs, a developer's run next to the demo) share one machine
+without seeing each other's domains, and nothing of the host's /etc or system daemon is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from string import Template
+from types import TracebackType
+from typing import Literal, cast, get_args
+
+import libvirt
+
+from testbed.guests import STUBBORN_CMDLINE, GuestImages, build_images, cache_root, coop_cmdline
+from testbed.wait import wait_until
+
+GuestKind = Literal["coop", "stubborn", "firmware"]
+DomainType = Literal["kvm", "qemu"]
+
+DAEMON_USER = "libvirt-qemu"
+CONFIG_DIR = Path(__file__).with_name("libvirt")
+
+_MEMORY_MIB: dict[GuestKind, int] = {"coop": 128, "stubborn": 96, "firmware": 16}
+"""96 MiB is the smallest that boots the Debian kernel with its 1 MB initramfs (64-80 MiB reset or panic);
+the cooperative guest gets a margin because it runs more; SeaBIOS alone is content with 16."""
+
+_TB_CACHE_MIB: dict[GuestKind, int] = {"coop": 16, "stubborn": 8, "firmware": 4}
+"""TCG's translation cache defaults to a size that makes each guest ~40 MB bigger; these suffice."""
+
+_KVM_PROBE_TIMEOUT = 20.0
+
+# The QEMU monitor socket, $XDG_CONFIG_HOME/libvirt/qemu/lib/domain-<id>-<20 chars>/monitor.sock, is the
+# longest socket path the daemon creates; AF_UNIX paths end at 107 bytes.
+_MAX_WORKDIR_LEN = 107 - len("/cfg/libvirt/qemu/lib/domain-99999-12345678901234567890/monitor.sock")
+
+_PREREQUISITES = {
+    "libvirtd": "libvirt-daemon",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "setpriv": "util-linux",
+    "tini": "tini",
+    "cpio": "cpio",
+    "dpkg-deb": "dpkg",
+    "apt-get": "apt",
+}
+_QEMU_DRIVER = Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so")
+
+
+class LibvirtHostError(RuntimeError):
+    """The daemon could not be started or probed; the message carries what a reader needs to fix it."""
+
+
+class GuestNotReady(AssertionError):
+    """A guest stopped or reported an error before GUEST-READY; an AssertionError so pytest shows a failure."""
+
+
+def missing_prerequisites() -> list[str]:
+    """What this machine lacks for a bed, phrased as what to install, so a failure says how to fix it."""
+    missing = [
+        f"{binary} (Debian package {package})" for binary, package in _PREREQUISITES.items() if not shutil.which(binary)
+    ]
+    if not Path("/bin/busybox").is_file():
+        missing.append("/bin/busybox (Debian package busybox-static)")
+    if not _QEMU_DRIVER.is_file():
+        missing.append(f"{_QEMU_DRIVER} (Debian package libvirt-daemon-driver-qemu)")
+    try:
+        pwd.getpwnam(DAEMON_USER)
+    except KeyError:
+        missing.append(f"user {DAEMON_USER} (created by scripts/setup.sh)")
+    return missing
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"<{path}: {error}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _unix_socket_answers(path: Path) -> bool:
+    """A plain connect instead of libvirt.open: a failing open prints to stderr on every poll."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    """A zombie counts as dead: an orphaned QEMU is reaped by PID 1, which takes its time here."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+class LibvirtHost:
+    """One running session libvirtd and the paths its guests use; create it with `LibvirtHost.start()`."""
+
+    def __init__(self, workdir: Path, images: GuestImages) -> None:
+        self.workdir = workdir
+        self.storage_dir = workdir / "storage"
+        self.console_dir = workdir / "console"
+        self.log_dir = workdir / "logs"
+        self.daemon_log = self.log_dir / "libvirtd.log"
+        self.qemu_log_dir = workdir / "cache" / "libvirt" / "qemu" / "log"
+        self.runtime_dir = workdir / "run"
+        self._config_home = workdir / "cfg"
+        self.uri = f"qemu+unix:///session?socket={self.runtime_dir}/libvirt/libvirt-sock"
+        self.images = GuestImages(
+            kernel=self.storage_dir / images.kernel.name,
+            coop_initrd=self.storage_dir / images.coop_initrd.name,
+            stubborn_initrd=self.storage_dir / images.stubborn_initrd.name,
+        )
+        self._source_images = images
+        self.domain_type: DomainType = "qemu"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: libvirt.virConnect | None = None
+
+    # ---- lifecycle
+
+    @classmethod
+    def start(cls, workdir: Path | None = None) -> LibvirtHost:
+        """Start a daemon in workdir (a fresh directory under /var/tmp by default) and probe KVM.
+
+        The work directory belongs to the host from then on: stop() removes it. /var/tmp rather than the
+        cache because root's home is 0700 and the daemon runs as another user.
+        """
+        missing = missing_prerequisites()
+        if missing:
+            raise LibvirtHostError("the libvirt test bed needs: " + "; ".join(missing))
+        images = build_images()
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="vmop-libvirt-", dir="/var/tmp"))
+        if len(str(workdir)) > _MAX_WORKDIR_LEN:
+            raise LibvirtHostError(f"work directory {workdir} is too long for QEMU's monitor socket path")
+        host = cls(workdir, images)
+        try:
+            host._prepare()
+            host._launch()
+            host.domain_type = host._decide_domain_type()
+        except BaseException:
+            host.stop(keep=True)
+            raise
+        return host
+
+    def __enter__(self) -> LibvirtHost:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop(keep=exc_type is not None)
+
+    def _prepare(self) -> None:
+        user = pwd.getpwnam(DAEMON_USER)
+        dirs = [
+            self.workdir,
+            self.storage_dir,
+            self.console_dir,
+            self.log_dir,
+            self.runtime_dir,
+            self._config_home,
+            self._config_home / "libvirt",
+            self.workdir / "home",
+            self.workdir / "cache",
+            self.workdir / "data",
+        ]
+        for directory in dirs:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            os.chown(directory, user.pw_uid, user.pw_gid)
+        config = self._config_home / "libvirt"
+        template = Template((CONFIG_DIR / "libvirtd.conf.in").read_text())
+        (config / "libvirtd.conf").write_text(template.substitute(log_file=self.daemon_log))
+        shutil.copyfile(CONFIG_DIR / "qemu.conf", config / "qemu.conf")
+        for source, target in zip(
+            (self._source_images.kernel, self._source_images.coop_initrd, self._source_images.stubborn_initrd),
+            (self.images.kernel, self.images.coop_initrd, self.images.stubborn_initrd),
+            strict=True,
+        ):
+            # a hard link costs nothing; the cache may sit on another file system, then copy
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+                target.chmod(0o644)
+
+    def _launch(self) -> None:
+        """Run libvirtd under `tini -s` as the daemon user.
+
+        tini is a child subreaper: QEMU is double-forked by libvirtd, and PID 1 on these machines reaps
+        orphans about 2 s late, which libvirt waits for on every destroy and guest poweroff.
+        """
+        env = {
+            "HOME": str(self.workdir / "home"),
+            "XDG_RUNTIME_DIR": str(self.runtime_dir),
+            "XDG_CONFIG_HOME": str(self._config_home),
+            "XDG_CACHE_HOME": str(self.workdir / "cache"),
+            "XDG_DATA_HOME": str(self.workdir / "data"),
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "LC_ALL": "C",
+        }
+        argv = [
+            "setpriv",
+            f"--reuid={DAEMON_USER}",
+            f"--regid={DAEMON_USER}",
+            "--clear-groups",
+            "tini",
+            "-s",
+            "--",
+            "libvirtd",
+            "--config",
+            str(self._config_home / "libvirt" / "libvirtd.conf"),
+            "--pid-file",
+            str(self.runtime_dir / "libvirtd.pid"),
+        ]
+        with (self.log_dir / "libvirtd.stdout").open("wb") as out:
+            # a session of its own, so that the process group holds exactly what this bed started
+            self._process = subprocess.Popen(
+                argv,
+                env=env,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        process = self._process
+        socket_path = self.runtime_dir / "libvirt" / "libvirt-sock"
+
+        def answered() -> bool:
+            if process.poll() is not None:
+                raise LibvirtHostError(f"libvirtd exited with {process.returncode}:\n{self._daemon_tail()}")
+            return _unix_socket_answers(socket_path)
+
+        wait_until(
+            answered, timeout=30.0, message=lambda: f"libvirtd did not answer on {socket_path}:\n{self._daemon_tail()}"
+        )
+        self._conn = libvirt.open(self.uri)
+
+    def _daemon_tail(self) -> str:
+        return f"--- {self.daemon_log}\n{_tail(self.daemon_log)}\n--- stdout/stderr\n{_tail(self.log_dir / 'libvirtd.stdout')}"
+
+    def stop(self, *, keep: bool = False) -> None:
+        """Take down every guest, then the daemon, then (unless keep) the work directory.
+
+        Guests go first and through the API: a session daemon's QEMU processes are not its children
+        and would keep running, with 100+ MB each, after the daemon is gone.
+        """
+        if self._conn is not None:
+            self._remove_domains(self._conn)
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._stop_daemon(self._process)
+            self._process = None
+            self._kill_leftover_guests()
+        if keep:
+            print(
+                f"libvirt test bed kept in {self.workdir}: daemon log {self.daemon_log}, "
+                f"guest consoles {self.console_dir}, QEMU logs {self.qemu_log_dir}",
+                file=sys.stderr,
+            )
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _remove_domains(self, conn: libvirt.virConnect) -> None:
+        # failures are reported, not raised: the daemon goes next anyway, and leftover QEMU processes
+        # are killed after it
+        try:
+            names = [dom.name() for dom in conn.listAllDomains()]
+        except libvirt.libvirtError as error:
+            print(f"libvirt test bed: could not list guests: {error}", file=sys.stderr)
+            return
+        for name in names:
+            try:
+                self.remove_guest(name)
+            except libvirt.libvirtError as error:
+                print(f"libvirt test bed: could not remove guest {name}: {error}", file=sys.stderr)
+
+    def _stop_daemon(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGTERM to tini, which forwards it to libvirtd. If that hangs, SIGKILL tini's process group,
+        which holds only what this bed started: libvirtd and its helpers (QEMU sets up a session of its own)."""
+        process.terminate()
+        try:
+            process.wait(timeout=15.0)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15.0)
+
+    def _kill_leftover_guests(self) -> None:
+        """The backstop for a guest the API could not destroy (a hung daemon): its QEMU would outlive
+        everything else. Only PIDs from this bed's own pidfiles, and only if that PID is still a QEMU
+        whose command line names this work directory."""
+        leftovers: list[int] = []
+        for pidfile in (self.runtime_dir / "libvirt" / "qemu" / "run").glob("*.pid"):
+            try:
+                pid = int(pidfile.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if b"qemu-system" in cmdline and str(self.workdir).encode() in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                leftovers.append(pid)
+        if leftovers:
+            print(f"libvirt test bed: killed leftover QEMU processes {leftovers}", file=sys.stderr)
+            wait_until(
+                lambda: not any(_alive(pid) for pid in leftovers),
+                timeout=10.0,
+                message=f"QEMU processes {leftovers} did not die",
+            )
+
+    def save_logs(self, dest: Path) -> None:
+        """Copy what explains a failed run (daemon log, consoles, QEMU logs) out of the work directory."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for log in self.log_dir.iterdir():
+            shutil.copy2(log, dest / log.name)
+        for subdir, source in (("console", self.console_dir), ("qemu", self.qemu_log_dir)):
+            if source.is_dir():
+                shutil.copytree(source, dest / subdir, dirs_exist_ok=True)
+
+    # ---- KVM or TCG
+
+    def _decide_domain_type(self) -> DomainType:
+        """KVM only where a KVM guest really boots: on these machines /dev/kvm exists, libvirt's system
+        daemon offers kvm, and yet the guest resets at once. The verdict holds until the next reboot."""
+        override = os.environ.get("VMOP_DOMAIN_TYPE")
+        if override:
+            if override not in get_args(DomainType):
+                raise LibvirtHostError(f"VMOP_DOMAIN_TYPE must be one of {get_args(DomainType)}, got {override!r}")
+            return cast(DomainType, override)
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        verdict_file = cache_root() / "libvirt" / "domain-type.json"
+        try:
+            cached = json.loads(verdict_file.read_text())
+            if cached["boot_id"] == boot_id and cached["domain_type"] in get_args(DomainType):
+                return cast(DomainType, cached["domain_type"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        verdict: DomainType = "kvm" if self._kvm_boots() else "qemu"
+        verdict_file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=verdict_file.parent, delete=False) as tmp:
+            json.dump({"boot_id": boot_id, "domain_type": verdict}, tmp)
+        Path(tmp.name).replace(verdict_file)
+        return verdict
+
+    def _kvm_boots(self) -> bool:
+        """The daemon's capabilities list kvm only if its uid can open /dev/kvm, which answers the usual
+        case without booting anything; otherwise a transient cooperative guest must reach GUEST-READY."""
+        caps = ET.fromstring(self._connection().getCapabilities())
+        if caps.find(".//guest/arch/domain[@type='kvm']") is None:
+            return False
+        name = "vmop-kvm-probe"
+        try:
+            dom = self._connection().createXML(self._domain_xml(name, "coop", "kvm"), 0)
+        except libvirt.libvirtError:
+            return False
+        try:
+            wait_until(
+                lambda: "GUEST-READY" in self.console_log(name) or not dom.isActive(),
+                timeout=_KVM_PROBE_TIMEOUT,
+                message="KVM probe guest neither booted nor stopped",
+            )
+        except AssertionError:
+            return False
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+        return "GUEST-READY" in self.console_log(name)
+
+    # ---- guests
+
+    def connect(self) -> libvirt.virConnect:
+        """A new connection of the caller's own, e.g. for an event loop; the caller closes it."""
+        return libvirt.open(self.uri)
+
+    def _connection(self) -> libvirt.virConnect:
+        if self._conn is None:
+            raise LibvirtHostError("the libvirt test bed is not running")
+        return self._conn
+
+    def guest_xml(
+        self,
+        name: str,
+        kind: GuestKind,
+        *,
+        memory_mib: int | None = None,
+        ignore_presses: int = 0,
+        shutdown_delay: float = 0.0,
+    ) -> str:
+        return self._domain_xml(
+            name,
+            kind,
+            self.domain_type,
+            memory_mib=memory_mib,
+            ignore_presses=ignore_presses,
+            shutdown_delay=shutdown_delay,
+        )
+
+    def _domain_xml(
+        self,
+        name: str,
+        kind: GuestKind,
+        domain_type: DomainType,
+        *,
+        memory_mib: int | None = None,
+        ignore_presses: int = 0,
+        shutdown_delay: float = 0.0,
+    ) -> str:
+        if kind not in _MEMORY_MIB:
+            raise ValueError(f"unknown guest kind {kind!r}; expected one of {get_args(GuestKind)}")
+        if kind != "coop" and (ignore_presses or shutdown_delay):
+            raise ValueError(f"ignore_presses and shutdown_delay apply to coop guests, not {kind}")
+        domain = ET.Element("domain", type=domain_type)
+        ET.SubElement(domain, "name").text = name
+        ET.SubElement(domain, "memory", unit="MiB").text = str(memory_mib or _MEMORY_MIB[kind])
+        ET.SubElement(domain, "vcpu").text = "1"
+        os_el = ET.SubElement(domain, "os")
+        ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
+        if kind == "firmware":
+            # nothing to boot: SeaBIOS would retry forever after a pause; -1 makes it simply sit there
+            ET.SubElement(os_el, "bios", rebootTimeout="-1")
+        else:
+            initrd = self.images.coop_initrd if kind == "coop" else self.images.stubborn_initrd
+            cmdline = (
+                coop_cmdline(ignore_presses=ignore_presses, shutdown_delay=shutdown_delay)
+                if kind == "coop"
+                else STUBBORN_CMDLINE
+            )
+            ET.SubElement(os_el, "kernel").text = str(self.images.kernel)
+            ET.SubElement(os_el, "initrd").text = str(initrd)
+            ET.SubElement(os_el, "cmdline").text = cmdline
+        features = ET.SubElement(domain, "features")
+        ET.SubElement(features, "acpi")
+        if domain_type == "qemu":
+            tcg = ET.SubElement(features, "tcg")
+            ET.SubElement(tcg, "tb-cache", unit="MiB").text = str(_TB_CACHE_MIB[kind])
+        ET.SubElement(domain, "clock", offset="utc")
+        # a guest that stops for any reason is gone, never restarted behind the test's back
+        for event in ("on_poweroff", "on_reboot", "on_crash"):
+            ET.SubElement(domain, event).text = "destroy"
+        devices = ET.SubElement(domain, "devices")
+        ET.SubElement(devices, "controller", type="usb", model="none")
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=str(self.console_dir / f"{name}.log"), append="off")
+        ET.SubElement(serial, "target", port="0")
+        ET.SubElement(devices, "memballoon", model="none")
+        return ET.tostring(domain, encoding="unicode")
+
+    def create_guest(
+        self,
+        name: str,
+        kind: GuestKind,
+        *,
+        memory_mib: int | None = None,
+        ignore_presses: int = 0,
+        shutdown_delay: float = 0.0,
+    ) -> libvirt.virDomain:
+        """Define a persistent domain and start it; persistent because the operator manages defined
+        domains, and a transient one would vanish on shut-off before a test can inspect it."""
+        xml = self.guest_xml(
+            name, kind, memory_mib=memory_mib, ignore_presses=ignore_presses, shutdown_delay=shutdown_delay
+        )
+        dom = self._connection().defineXML(xml)
+        try:
+            dom.create()
+        except libvirt.libvirtError:
+            dom.undefine()
+            raise
+        return dom
+
+    def remove_guest(self, name: str) -> None:
+        """Destroy and undefine; a guest that is already stopped or gone is fine, since guests power off
+        by themselves and tests may remove them first."""
+        conn = self._connection()
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise
+        try:
+            # checked first because libvirt prints every failed call to stderr
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError as error:
+            # stopped meanwhile, or transient and therefore already gone
+            if error.get_error_code() not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+                raise
+        try:
+            dom.undefine()
+        except libvirt.libvirtError as error:
+            if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+
+    def console_log(self, name: str) -> str:
+        try:
+            return (self.console_dir / f"{name}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_guest_ready(self, name: str, timeout: float = 90.0) -> None:
+        """Wait for the guest's GUEST-READY line; a guest that stopped or reported an error fails at once
+        rather than after the whole timeout. Firmware guests never print it."""
+        dom = self._connection().lookupByName(name)
+        started = time.monotonic()
+
+        def ready() -> bool:
+            text = self.console_log(name)
+            if "GUEST-READY" in text:
+                return True
+            if "GUEST-ERROR" in text or not dom.isActive():
+                raise GuestNotReady(
+                    f"guest {name} failed after {time.monotonic() - started:.1f}s "
+                    f"(state {dom.state()}); console tail:\n{self._console_tail(name)}"
+                )
+            return False
+
+        wait_until(
+            ready,
+            timeout=timeout,
+            message=lambda: f"guest {name} printed no GUEST-READY; console tail:\n{self._console_tail(name)}",
+        )
+
+    def _console_tail(self, name: str) -> str:
+        return "\n".join(self.console_log(name).splitlines()[-20:])

@@ -1,0 +1,161 @@
+"""The libvirt half of the test bed has the guests the operator's e2e tests will lean on.
+
+The operator's promise is "ask nicely, never pull the plug by default", so its tests need guests that
+honour the ACPI power button, guests that never do, and guests that give in only after a few presses.
+These tests prove each kind behaves as advertised through the real daemon, so that a failing e2e test
+later points at the operator, not at the bed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import libvirt
+import pytest
+
+from testbed.libvirthost import LibvirtHost
+from testbed.pytest_libvirt import GuestFactory
+from testbed.wait import wait_until
+
+pytestmark = pytest.mark.e2e
+
+ACPI = libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+STOP_TIMEOUT = 15.0
+"""A cooperative guest stops ~0.3 s after the press; the margin is for a loaded CI machine."""
+HOLD_SECONDS = 2.0
+"""How long past the cooperative guest's stop an ignoring guest must still run to count as ignoring."""
+
+
+def _state(dom: libvirt.virDomain) -> tuple[int, int]:
+    state, reason = dom.state()
+    return state, reason
+
+
+def _running(dom: libvirt.virDomain) -> bool:
+    return _state(dom)[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def _wait_shut_off(dom: libvirt.virDomain) -> float:
+    """Seconds until the domain is shut off, counted from the call."""
+    started = time.monotonic()
+    wait_until(
+        lambda: _state(dom)[0] == libvirt.VIR_DOMAIN_SHUTOFF,
+        timeout=STOP_TIMEOUT,
+        message=lambda: f"{dom.name()} still in state {_state(dom)}",
+    )
+    return time.monotonic() - started
+
+
+def _assert_keeps_running(dom: libvirt.virDomain, seconds: float, *, during: Callable[[], None] | None = None) -> None:
+    """Poll for `seconds`, failing as soon as the domain leaves the running state; `during` runs on each
+    poll, e.g. to keep pressing the button."""
+    deadline = time.monotonic() + seconds
+
+    def held() -> bool:
+        if during is not None:
+            during()
+        return not _running(dom) or time.monotonic() >= deadline
+
+    wait_until(held, timeout=seconds + 5.0, message=f"{dom.name()}: polling for {seconds}s stalled")
+    assert _running(dom), f"{dom.name()} stopped although it should ignore ACPI: {_state(dom)}"
+
+
+def _wait_console_line(host: LibvirtHost, name: str, line: str) -> None:
+    wait_until(
+        lambda: line in host.console_log(name),
+        timeout=STOP_TIMEOUT,
+        message=lambda: f"no '{line}' on the console of {name}:\n{host.console_log(name)}",
+    )
+
+
+def _destroy(dom: libvirt.virDomain) -> None:
+    dom.destroy()
+    assert _state(dom) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+
+
+def test_coop_guest_shuts_off_on_acpi_power_button(libvirt_host: LibvirtHost, guest_factory: GuestFactory) -> None:
+    dom = guest_factory("coop")
+    libvirt_host.wait_guest_ready(dom.name())
+
+    dom.shutdownFlags(ACPI)
+    latency = _wait_shut_off(dom)
+
+    assert _state(dom) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
+    assert "GUEST-POWERBUTTON accepted" in libvirt_host.console_log(dom.name())
+    print(f"ACPI power button to shut off: {latency:.3f}s")
+
+
+def test_session_daemon_spawns_no_virtlogd(libvirt_host: LibvirtHost, guest_factory: GuestFactory) -> None:
+    """A virtlogd would outlive the daemon; qemu.conf's stdio_handler = "file" is what prevents it. The
+    choice is made when QEMU is launched, so a firmware guest that needs no boot suffices."""
+    dom = guest_factory("firmware")
+
+    assert not list((libvirt_host.runtime_dir / "libvirt").glob("virtlogd*"))
+    assert (libvirt_host.qemu_log_dir / f"{dom.name()}.log").is_file()
+
+
+def test_stubborn_guest_ignores_acpi_and_stops_on_destroy(
+    libvirt_host: LibvirtHost, guest_factory: GuestFactory
+) -> None:
+    stubborn = guest_factory("stubborn")
+    coop = guest_factory("coop")
+    for dom in (stubborn, coop):
+        libvirt_host.wait_guest_ready(dom.name())
+
+    for dom in (stubborn, coop):
+        dom.shutdownFlags(ACPI)
+    _wait_shut_off(coop)
+    _assert_keeps_running(stubborn, HOLD_SECONDS)
+
+    _destroy(stubborn)
+
+
+def test_coop_guest_ignoring_two_presses_stops_on_the_third(
+    libvirt_host: LibvirtHost, guest_factory: GuestFactory
+) -> None:
+    dom = guest_factory("coop", ignore_presses=2)
+    libvirt_host.wait_guest_ready(dom.name())
+
+    for press in (1, 2):
+        dom.shutdownFlags(ACPI)
+        _wait_console_line(libvirt_host, dom.name(), f"GUEST-POWERBUTTON-IGNORED n={press}")
+        assert _running(dom)
+    dom.shutdownFlags(ACPI)
+    _wait_shut_off(dom)
+
+    lines = [line for line in libvirt_host.console_log(dom.name()).splitlines() if "GUEST-POWERBUTTON" in line]
+    assert lines == [
+        "GUEST-POWERBUTTON-IGNORED n=1",
+        "GUEST-POWERBUTTON-IGNORED n=2",
+        "GUEST-POWERBUTTON accepted n=3",
+    ]
+    assert _state(dom) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
+
+
+def test_coop_guest_shutdown_delay_postpones_the_poweroff(
+    libvirt_host: LibvirtHost, guest_factory: GuestFactory
+) -> None:
+    dom = guest_factory("coop", shutdown_delay=1.5)
+    libvirt_host.wait_guest_ready(dom.name())
+
+    dom.shutdownFlags(ACPI)
+    latency = _wait_shut_off(dom)
+
+    assert latency >= 1.5
+    assert "GUEST-POWERBUTTON accepted n=1" in libvirt_host.console_log(dom.name())
+
+
+def test_firmware_guest_ignores_acpi_and_stops_on_destroy(guest_factory: GuestFactory) -> None:
+    dom = guest_factory("firmware")
+    last_press = [0.0]
+
+    def press_every_half_second() -> None:
+        # SeaBIOS prints nothing to wait for, so presses keep coming until well after it has settled
+        if time.monotonic() - last_press[0] >= 0.5:
+            dom.shutdownFlags(ACPI)
+            last_press[0] = time.monotonic()
+
+    _assert_keeps_running(dom, HOLD_SECONDS + 1.0, during=press_every_half_second)
+
+    _destroy(dom)
