@@ -33,7 +33,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        extras = {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS and not k.startswith("k8s_")}
+        # Scalars only: kopf passes whole objects (its settings) as extras, which are no use in a log line.
+        extras = {
+            k: v
+            for k, v in record.__dict__.items()
+            if k not in _RECORD_FIELDS and isinstance(v, str | int | float | bool) and not k.startswith("k8s_")
+        }
         line.update(extras)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

@@ -25,15 +25,15 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if not isinstance(node, dict):
         return node
     node = dict(node)
-    if "$ref" in node:
-        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
-        node = {**target, **node}
     if "anyOf" in node:
         # Optional[X] is X in the CRD: absent fields stand for None, and the operator never writes null.
         variants = [v for v in node.pop("anyOf") if v.get("type") != "null"]
         if len(variants) != 1:
             raise ValueError(f"unions other than Optional are not expressible in the CRD: {variants}")
         node = {**variants[0], **node}
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        node = {**target, **node}
     if node.get("default", 0) is None:
         del node["default"]
     return {key: _structural(value, defs) for key, value in node.items() if key not in _DROPPED_KEYS}

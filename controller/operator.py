@@ -344,5 +344,5 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
         return operator.hypervisor.connected
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, when=mine)
-    def virtual_machine(event: kopf.RawEvent, **_: Any) -> None:
+    async def virtual_machine(event: kopf.RawEvent, **_: Any) -> None:
         operator.object_event(event["type"], dict(event["object"]))

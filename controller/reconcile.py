@@ -412,10 +412,8 @@ def _run(
     record = _active(d.status)
     if domain.state in (DomainState.RUNNING, DomainState.PAUSED) and record is not None:
         assert record.purpose is not ShutdownPurpose.NONE
-        d.update(
-            shutdown=shutdown.complete(record, ShutdownOutcome.CANCELLED, d.now),
-            power_state=_observed(domain, d.status),
-        )
+        d.update(shutdown=shutdown.complete(record, ShutdownOutcome.CANCELLED, d.now))
+        d.update(power_state=_observed(domain, d.status))  # with the stop ended: Running, not ShuttingDown
         d.event(
             "Normal", "StopCancelled", f"powerState is {target.value} again: the stop is cancelled, nothing is forced"
         )

@@ -32,3 +32,15 @@ def wait_until(
             text = message() if callable(message) else message
             raise WaitTimeout(f"{text} (waited {timeout:.1f}s)")
         time.sleep(interval)
+
+
+def holds_until(
+    probe: Callable[[], object], *, seconds: float, message: str | Callable[[], str], interval: float = 0.05
+) -> None:
+    """Assert that probe stays truthy for the given time: the check that something did not happen too early."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not probe():
+            text = message() if callable(message) else message
+            raise AssertionError(f"{text} ({seconds - (deadline - time.monotonic()):.2f}s into the {seconds:.2f}s)")
+        time.sleep(interval)

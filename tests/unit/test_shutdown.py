@@ -301,7 +301,9 @@ def test_methods_are_passed_through_in_order(methods: list[ShutdownMethod]) -> N
 
 
 def test_attempts_count_all_and_keep_the_last_ten_with_their_methods() -> None:
-    pol = policy(grace_period_seconds=3600, retry_interval_seconds=1, methods=[ShutdownMethod.AGENT, ShutdownMethod.ACPI])
+    pol = policy(
+        grace_period_seconds=3600, retry_interval_seconds=1, methods=[ShutdownMethod.AGENT, ShutdownMethod.ACPI]
+    )
     record = begin(pol, ShutdownPurpose.STOP, T0)
     for i in range(13):
         now = T0 + s(i)

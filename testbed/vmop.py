@@ -1,0 +1,272 @@
+"""vmop on the bed: installed from manifests/, the operator run as its ServiceAccount, VMs made and watched.
+
+Shared by the end-to-end tests, the demo and the benchmarks, so that each runs vmop the way a user
+would: the CRD and RBAC from the same manifests, the operator with only the rights those grant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+
+import kubernetes
+
+from testbed.controlplane import ControlPlane
+from testbed.guests import STUBBORN_CMDLINE, coop_cmdline
+from testbed.libvirthost import LibvirtHost
+from testbed.wait import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP, VERSION, PLURAL = "vmop.dev", "v1alpha1", "virtualmachines"
+OPERATOR_NAMESPACE, OPERATOR_ACCOUNT = "vmop-system", "vmop"
+
+
+def install(control_plane: ControlPlane) -> Path:
+    """Apply manifests/ as a user would; return a kubeconfig holding only the operator's ServiceAccount token."""
+    control_plane.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests"))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
+    return control_plane.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class OperatorProcess:
+    """One vmop operator as a child process, stopped by its PID (never by name: the machine is shared)."""
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: Path,
+        node_name: str,
+        libvirt: LibvirtHost,
+        log_path: Path,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.node_name = node_name
+        self.libvirt = libvirt
+        self.log_path = log_path
+        self.extra_args = extra_args
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "controller",
+            "--node-name", self.node_name,
+            "--kubeconfig", str(self.kubeconfig),
+            "--libvirt-uri", self.libvirt.uri,
+            "--virt-type", self.libvirt.domain_type,
+            "--allowed-storage-dir", str(self.libvirt.storage_dir),
+            "--console-log-dir", str(self.libvirt.console_dir),
+            "--tcg-tb-cache-mib", "16",
+            "--metrics-port", str(self.metrics_port),
+            "--health-port", str(self.health_port),
+            "--log-format", "json",
+            "--log-level", "DEBUG",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 60.0) -> OperatorProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
+            )
+        wait_until(
+            self._healthy,
+            timeout=timeout,
+            message=lambda: f"the operator did not become healthy; its log ends:\n{self.log_tail()}",
+        )
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text: str = response.read().decode()
+            return text
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the operator gets no chance to clean up, as in a node's OOM kill."""
+        self._signal(signal.SIGKILL, timeout=10)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._signal(signal.SIGTERM, timeout=timeout)
+
+    def _signal(self, sig: signal.Signals, *, timeout: float) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def vm_manifest(
+    name: str,
+    *,
+    node_name: str,
+    libvirt: LibvirtHost,
+    kind: str = "coop",
+    power_state: str = "Running",
+    shutdown_policy: dict[str, Any] | None = None,
+    restart_policy: str | None = None,
+    ignore_presses: int = 0,
+    shutdown_delay: float = 0.0,
+    domain: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A VirtualMachine running one of the bed's guests: coop (ACPI-obedient), stubborn, or firmware-only."""
+    images = libvirt.images
+    guests: dict[str, dict[str, Any]] = {
+        "coop": {
+            "memoryMiB": 128,
+            "kernel": str(images.kernel),
+            "initrd": str(images.coop_initrd),
+            "cmdline": coop_cmdline(ignore_presses=ignore_presses, shutdown_delay=shutdown_delay),
+        },
+        "stubborn": {
+            "memoryMiB": 96,
+            "kernel": str(images.kernel),
+            "initrd": str(images.stubborn_initrd),
+            "cmdline": STUBBORN_CMDLINE,
+        },
+        "firmware": {"memoryMiB": 16},
+    }
+    spec: dict[str, Any] = {
+        "nodeName": node_name,
+        "powerState": power_state,
+        "domain": domain if domain is not None else guests[kind],
+    }
+    if shutdown_policy is not None:
+        spec["shutdownPolicy"] = shutdown_policy
+    if restart_policy is not None:
+        spec["restartPolicy"] = restart_policy
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualMachine", "metadata": {"name": name}, "spec": spec}
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def condition(body: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+
+class Vms:
+    """VirtualMachines of one namespace, through the admin's client, as a user's kubectl would see them."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.api = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.namespace = namespace
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return cast(
+            dict[str, Any], self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)
+        )
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            return cast(
+                dict[str, Any], self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        result = self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"
+        )
+        return cast(dict[str, Any], result)
+
+    def patch_spec(self, name: str, **spec: Any) -> dict[str, Any]:
+        return self.patch(name, {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def wait(
+        self,
+        name: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        timeout: float,
+        what: str,
+    ) -> dict[str, Any]:
+        last: list[dict[str, Any] | None] = [None]
+
+        def probe() -> dict[str, Any] | None:
+            body = self.get(name)
+            last[0] = body
+            return body if body is not None and predicate(body) else None
+
+        def message() -> str:
+            status = (last[0] or {}).get("status")
+            return f"VirtualMachine {self.namespace}/{name}: {what}; last status: {status}"
+
+        return wait_until(probe, timeout=timeout, message=message, interval=0.05)
+
+    def wait_gone(self, name: str, *, timeout: float) -> None:
+        wait_until(
+            lambda: self.get(name) is None,
+            timeout=timeout,
+            message=lambda: f"VirtualMachine {self.namespace}/{name} still exists: {self.get(name)}",
+        )
+
+    def events(self, name: str) -> list[Any]:
+        items = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=VirtualMachine"
+        ).items
+        return sorted(items, key=lambda e: (e.event_time or e.first_timestamp, e.metadata.name))
+
+    def event_reasons(self, name: str) -> list[str]:
+        return [e.reason for e in self.events(name)]
+
+
+@contextlib.contextmanager
+def running_operator(**kwargs: Any) -> Iterator[OperatorProcess]:
+    operator = OperatorProcess(**kwargs).start()
+    try:
+        yield operator
+    finally:
+        operator.stop()

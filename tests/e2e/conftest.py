@@ -1,0 +1,111 @@
+"""End-to-end fixtures: vmop installed from manifests/ on the real control plane, one operator per test.
+
+Each test gets its own namespace and its own node name, and the operator it starts serves only that
+node: VirtualMachines left by other tests belong to other nodes and are ignored, which is the node
+ownership rule at work. Domains a test's VMs made are destroyed through libvirt at its end.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from testbed.controlplane import ControlPlane
+from testbed.libvirthost import LibvirtHost
+from testbed.vmop import ROOT, OperatorProcess, Vms, install, vm_manifest
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane: ControlPlane) -> Path:
+    return install(control_plane)
+
+
+@dataclass
+class Vmop:
+    """One test's world: its namespace, its node, its operator, and the libvirt host."""
+
+    namespace: str
+    node_name: str
+    vms: Vms
+    libvirt: LibvirtHost
+    kubeconfig: Path
+    log_dir: Path
+    operators: list[OperatorProcess] = field(default_factory=list)
+
+    def start_operator(self, *extra_args: str) -> OperatorProcess:
+        operator = OperatorProcess(
+            kubeconfig=self.kubeconfig,
+            node_name=self.node_name,
+            libvirt=self.libvirt,
+            log_path=self.log_dir / f"operator-{len(self.operators)}.log",
+            extra_args=extra_args,
+        )
+        self.operators.append(operator)
+        return operator.start()
+
+    @property
+    def operator(self) -> OperatorProcess:
+        return self.operators[-1]
+
+    def manifest(self, name: str, **kwargs: Any) -> dict[str, Any]:
+        return vm_manifest(name, node_name=self.node_name, libvirt=self.libvirt, **kwargs)
+
+    def create(self, name: str, **kwargs: Any) -> dict[str, Any]:
+        return self.vms.create(self.manifest(name, **kwargs))
+
+    def domain_name(self, name: str) -> str:
+        return f"{self.namespace}_{name}"
+
+    def domain(self, name: str) -> libvirt.virDomain:
+        return self.libvirt.connect().lookupByName(self.domain_name(name))
+
+    def domain_state(self, name: str) -> int:
+        state: int = self.domain(name).state()[0]
+        return state
+
+    def wait_running(self, name: str, *, ready: bool = True, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait until the VM reads Running and, for Linux guests, until the guest listens for ACPI."""
+        body = self.vms.wait(
+            name, lambda b: b.get("status", {}).get("powerState") == "Running", timeout=timeout, what="Running"
+        )
+        if ready:
+            self.libvirt.wait_guest_ready(self.domain_name(name), timeout=timeout)
+        return body
+
+
+@pytest.fixture
+def vmop(
+    control_plane: ControlPlane,
+    libvirt_host: LibvirtHost,
+    operator_kubeconfig: Path,
+    namespace: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Vmop]:
+    test_name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    world = Vmop(
+        namespace=namespace,
+        node_name=f"node-{uuid.uuid4().hex[:8]}",
+        vms=Vms(control_plane.api_client(), namespace),
+        libvirt=libvirt_host,
+        kubeconfig=operator_kubeconfig,
+        log_dir=ROOT / "test-logs" / "e2e" / test_name,
+    )
+    world.log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield world
+    finally:
+        for operator in world.operators:
+            operator.stop()
+        conn = libvirt_host.connect()
+        for domain in conn.listAllDomains():
+            if domain.name().startswith(f"{namespace}_"):
+                libvirt_host.remove_guest(domain.name())
