@@ -76,3 +76,121 @@ def test_stubborn_guest_is_forced_off_after_and_not_before_its_deadline(vmop: Vm
     assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
     reasons = vmop.vms.event_reasons("stub")
     assert in_order(reasons, "StopRequested", "ShutdownRequested", "ShutdownRequestResent", "ForcedOff")
+
+
+def test_guest_that_ignores_two_presses_stops_on_a_later_retry(vmop: Vmop) -> None:
+    vmop.start_operator()
+    vmop.create(
+        "deaf",
+        ignore_presses=2,
+        shutdown_policy={"gracePeriodSeconds": 60, "retryIntervalSeconds": 1},
+    )
+    vmop.wait_running("deaf")
+
+    vmop.vms.patch_spec("deaf", powerState="Stopped")
+    body = vmop.vms.wait("deaf", stopped, timeout=60, what="the stop to finish")
+
+    record = body["status"]["shutdown"]
+    assert record["outcome"] == "Graceful"
+    assert record["attempts"] == 3
+    assert [a["method"] for a in record["recentAttempts"]] == ["ACPI", "ACPI", "ACPI"]
+    console = vmop.libvirt.console_log(vmop.domain_name("deaf"))
+    assert console.count("GUEST-POWERBUTTON-IGNORED") == 2
+    assert "GUEST-POWERBUTTON accepted" in console
+    assert in_order(vmop.vms.event_reasons("deaf"), "ShutdownRequested", "ShutdownRequestResent", "StoppedGracefully")
+
+
+def test_mode_force_turns_the_vm_off_at_once(vmop: Vmop) -> None:
+    vmop.start_operator()
+    vmop.create("scratch", kind="stubborn", shutdown_policy={"mode": "Force", "gracePeriodSeconds": 3600})
+    vmop.wait_running("scratch", ready=False)
+
+    vmop.vms.patch_spec("scratch", powerState="Stopped")
+    body = vmop.vms.wait("scratch", stopped, timeout=30, what="the forced stop")
+
+    record = body["status"]["shutdown"]
+    assert record["outcome"] == "Forced"
+    assert record["attempts"] == 0, "Force never asks the guest"
+    assert record["deadline"] == record["requestedAt"]
+    assert (parse_time(record["completedAt"]) - parse_time(record["requestedAt"])).total_seconds() < 5
+    assert "ForcingOff" in vmop.vms.event_reasons("scratch")
+
+
+def test_never_forcing_reports_overdue_until_mode_force(vmop: Vmop) -> None:
+    vmop.start_operator()
+    vmop.create(
+        "precious",
+        kind="stubborn",
+        shutdown_policy={"gracePeriodSeconds": 2, "retryIntervalSeconds": 1, "forceAfterDeadline": False},
+    )
+    vmop.wait_running("precious", ready=False)
+
+    vmop.vms.patch_spec("precious", powerState="Stopped")
+    body = vmop.vms.wait(
+        "precious",
+        lambda b: (condition(b, "ShutdownOverdue") or {}).get("status") == "True",
+        timeout=30,
+        what="ShutdownOverdue",
+    )
+    assert condition(body, "Ready")["reason"] == "ShutdownOverdue"
+    attempts_when_overdue = body["status"]["shutdown"]["attempts"]
+    holds_until(
+        lambda: vmop.domain_state("precious") == libvirt.VIR_DOMAIN_RUNNING,
+        seconds=3,
+        message="a VM with forceAfterDeadline false was turned off",
+    )
+    body = vmop.vms.get("precious")
+    assert body is not None
+    assert body["status"]["shutdown"]["attempts"] > attempts_when_overdue, "requests go on after the deadline"
+    assert vmop.vms.event_reasons("precious").count("ShutdownOverdue") == 1
+
+    vmop.vms.patch("precious", {"spec": {"shutdownPolicy": {"mode": "Force"}}})
+    body = vmop.vms.wait("precious", stopped, timeout=30, what="the stop after switching to Force")
+    assert body["status"]["shutdown"]["outcome"] == "Forced"
+    assert condition(body, "ShutdownOverdue")["status"] == "False"
+
+
+def test_agent_method_without_an_agent_falls_back_to_acpi_at_once(vmop: Vmop) -> None:
+    vmop.start_operator()
+    vmop.create("noagent", shutdown_policy={"methods": ["Agent", "ACPI"], "gracePeriodSeconds": 60})
+    vmop.wait_running("noagent")
+
+    vmop.vms.patch_spec("noagent", powerState="Stopped")
+    body = vmop.vms.wait("noagent", stopped, timeout=30, what="the stop to finish")
+
+    record = body["status"]["shutdown"]
+    assert record["outcome"] == "Graceful"
+    first = record["recentAttempts"][0]
+    assert first["method"] == "ACPI"
+    assert "Agent" in first["message"]
+    assert (parse_time(first["time"]) - parse_time(record["requestedAt"])).total_seconds() < 2
+
+
+def test_switching_back_to_running_cancels_the_stop_and_forces_nothing(vmop: Vmop) -> None:
+    vmop.start_operator()
+    vmop.create("fickle", kind="stubborn", shutdown_policy={"gracePeriodSeconds": 4, "retryIntervalSeconds": 1})
+    vmop.wait_running("fickle", ready=False)
+    domain_id = vmop.domain("fickle").ID()
+
+    vmop.vms.patch_spec("fickle", powerState="Stopped")
+    body = vmop.vms.wait(
+        "fickle", lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1, timeout=30, what="a request"
+    )
+    deadline = parse_time(body["status"]["shutdown"]["deadline"])
+    vmop.vms.patch_spec("fickle", powerState="Running")
+    body = vmop.vms.wait(
+        "fickle",
+        lambda b: (b["status"].get("shutdown") or {}).get("outcome") == "Cancelled",
+        timeout=30,
+        what="the stop to be cancelled",
+    )
+    holds_until(
+        lambda: vmop.domain_state("fickle") == libvirt.VIR_DOMAIN_RUNNING and vmop.domain("fickle").ID() == domain_id,
+        seconds=(deadline - datetime.now(UTC)).total_seconds() + 1.5,
+        message="a cancelled stop still forced the VM off",
+    )
+    body = vmop.vms.get("fickle")
+    assert body is not None
+    assert body["status"]["powerState"] == "Running"
+    assert condition(body, "Ready")["status"] == "True"
+    assert "StopCancelled" in vmop.vms.event_reasons("fickle")

@@ -1,0 +1,270 @@
+"""Deploying vmop as a platform engineer would: manifests, rights, GitOps and metrics, on the real bed.
+
+The manifests are checked by the real API server (server-side dry run), the rights with the very token
+the operator runs with, GitOps with kubectl's server-side apply under Argo CD's field manager, and the
+metrics by scraping the operator while it stops real guests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from testbed.controlplane import ControlPlane, KubectlError
+from testbed.vmop import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, ROOT, OperatorProcess, condition, parse_time
+from testbed.wait import holds_until, wait_until
+from tests.e2e.conftest import Vmop
+
+pytestmark = pytest.mark.e2e
+
+SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
+VM = "virtualmachines.vmop.dev"
+CRD = "customresourcedefinitions.apiextensions.k8s.io"
+ARGOCD = "argocd"
+
+
+def stopped(body: dict[str, Any]) -> bool:
+    record = body.get("status", {}).get("shutdown") or {}
+    return bool(record.get("outcome")) and body["status"].get("powerState") == "Stopped"
+
+
+# ---- manifests
+
+
+def test_kustomization_passes_server_side_dry_run(control_plane: ControlPlane, operator_kubeconfig: Path) -> None:
+    rendered = control_plane.kubectl("kustomize", str(ROOT / "manifests")).stdout
+    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered))
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "Namespace",
+        "ServiceAccount",
+    ]
+    for mode in ((), ("--server-side",)):
+        out = control_plane.kubectl("apply", *mode, "--dry-run=server", "-f", "-", input=rendered).stdout
+        lines = out.strip().splitlines()
+        assert len(lines) == len(kinds), out
+        assert all(line.endswith("(server dry run)") for line in lines), out
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[p.name for p in SAMPLES])
+def test_sample_passes_server_side_dry_run(
+    control_plane: ControlPlane, operator_kubeconfig: Path, namespace: str, sample: Path
+) -> None:
+    out = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(sample)).stdout
+    assert out.strip().endswith("created (server dry run)"), out
+    assert control_plane.kubectl("get", VM, "-n", namespace, "-o", "name").stdout == "", "a dry run creates nothing"
+
+
+def test_server_side_dry_run_refuses_what_the_schema_forbids(
+    control_plane: ControlPlane, operator_kubeconfig: Path, namespace: str
+) -> None:
+    """The check above is not vacuous: the same dry run refuses a sample broken against the schema."""
+    manifest = yaml.safe_load((ROOT / "manifests" / "samples" / "linux-vm.yaml").read_text())
+    manifest["spec"]["shutdownPolicy"]["gracePeriodSeconds"] = 86401
+    with pytest.raises(KubectlError) as refused:
+        control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+    assert "gracePeriodSeconds" in refused.value.stderr
+
+
+# ---- least privilege, checked with the operator's own ServiceAccount token
+
+MAY = [
+    ("get", VM, ""),
+    ("list", VM, ""),
+    ("watch", VM, ""),
+    ("patch", VM, ""),  # its finalizer only; RBAC cannot narrow a patch to a field
+    ("patch", VM, "status"),
+    ("create", "events", ""),
+]
+MAY_NOT = [
+    ("get", "secrets", ""),
+    ("list", "secrets", ""),
+    ("watch", "secrets", ""),
+    ("create", "pods", ""),
+    ("delete", "pods", ""),
+    ("create", "pods", "exec"),
+    ("create", VM, ""),
+    ("update", VM, ""),
+    ("delete", VM, ""),
+    ("deletecollection", VM, ""),
+    ("update", VM, "status"),
+    ("get", "configmaps", ""),
+    ("list", "configmaps", ""),
+    ("create", "configmaps", ""),
+    ("update", "configmaps", ""),
+    ("delete", "configmaps", ""),
+    ("get", "nodes", ""),
+    ("list", "nodes", ""),
+    ("patch", "nodes", ""),
+    ("get", CRD, ""),
+    ("list", CRD, ""),
+    ("create", CRD, ""),
+    ("update", CRD, ""),
+    ("patch", CRD, ""),
+    ("delete", CRD, ""),
+    ("delete", "events", ""),
+    ("create", "serviceaccounts", "token"),
+    ("bind", "clusterroles.rbac.authorization.k8s.io", ""),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io", ""),
+    ("impersonate", "users", ""),
+]
+
+
+def can_i(control_plane: ControlPlane, kubeconfig: Path, verb: str, resource: str, subresource: str) -> bool:
+    """`kubectl auth can-i` in every namespace at once: the operator's rights are cluster-wide or nothing."""
+    args = ["auth", "can-i", verb, resource, "--all-namespaces"]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    result = control_plane.kubectl(*args, kubeconfig=kubeconfig, check=False)
+    answer = result.stdout.strip()
+    assert answer in ("yes", "no"), f"kubectl {' '.join(args)}: {result.stdout}{result.stderr}"
+    return answer == "yes"
+
+
+def test_operator_token_is_the_service_account_of_the_manifests(
+    control_plane: ControlPlane, operator_kubeconfig: Path
+) -> None:
+    who = json.loads(control_plane.kubectl("auth", "whoami", "-o", "json", kubeconfig=operator_kubeconfig).stdout)
+    assert who["status"]["userInfo"]["username"] == f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+
+
+@pytest.mark.parametrize(("verb", "resource", "subresource"), MAY, ids=["/".join(filter(None, c)) for c in MAY])
+def test_operator_may(
+    control_plane: ControlPlane, operator_kubeconfig: Path, verb: str, resource: str, subresource: str
+) -> None:
+    assert can_i(control_plane, operator_kubeconfig, verb, resource, subresource)
+
+
+@pytest.mark.parametrize(("verb", "resource", "subresource"), MAY_NOT, ids=["/".join(filter(None, c)) for c in MAY_NOT])
+def test_operator_may_not(
+    control_plane: ControlPlane, operator_kubeconfig: Path, verb: str, resource: str, subresource: str
+) -> None:
+    assert not can_i(control_plane, operator_kubeconfig, verb, resource, subresource)
+
+
+# ---- GitOps
+
+
+def test_reapplying_the_same_manifest_after_the_operator_acted_is_a_no_op(
+    vmop: Vmop, control_plane: ControlPlane
+) -> None:
+    vmop.start_operator()
+    manifest = yaml.safe_dump(vmop.manifest("gitops", shutdown_policy={"gracePeriodSeconds": 30}))
+    apply = ("apply", "--server-side", f"--field-manager={ARGOCD}", "-n", vmop.namespace, "-f", "-")
+    control_plane.kubectl(*apply, input=manifest)
+    vmop.wait_running("gitops", ready=False)
+    vmop.vms.wait(
+        "gitops", lambda b: (condition(b, "Ready") or {}).get("status") == "True", timeout=60, what="Ready True"
+    )
+    before = vmop.vms.get("gitops")
+    assert before is not None
+    # The operator is done: nothing it would write later can be mistaken for the re-apply's doing.
+    holds_until(
+        lambda: (vmop.vms.get("gitops") or {})["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"],
+        seconds=1.0,
+        message="the operator kept writing to a Running VM",
+    )
+
+    after = json.loads(control_plane.kubectl(*apply, "-o", "json", input=manifest).stdout)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    diff = control_plane.kubectl(
+        "diff",
+        "--server-side",
+        f"--field-manager={ARGOCD}",
+        "-n",
+        vmop.namespace,
+        "-f",
+        "-",
+        input=manifest,
+        check=False,
+    )
+    assert (diff.returncode, diff.stdout) == (0, ""), diff.stdout + diff.stderr
+
+    entries = before["metadata"]["managedFields"]
+    (gitops,) = [e for e in entries if e["manager"] == ARGOCD]
+    assert gitops["operation"] == "Apply"
+    assert "f:spec" in gitops["fieldsV1"]
+    assert "f:status" not in gitops["fieldsV1"]
+    operator = [e for e in entries if e["manager"] != ARGOCD]
+    assert operator, "the operator's writes appear in managedFields"
+    for entry in operator:
+        fields = entry["fieldsV1"]
+        assert set(fields) <= {"f:status", "f:metadata"}, entry
+        assert set(fields.get("f:metadata", {})) <= {"f:finalizers"}, entry
+    assert any(e.get("subresource") == "status" for e in operator)
+    assert any("f:finalizers" in e["fieldsV1"].get("f:metadata", {}) for e in operator)
+
+
+# ---- metrics
+
+
+def metric(operator: OperatorProcess, name: str, **labels: str) -> float:
+    """One sample from a fresh scrape; a missing series fails, since every series is exported from the start."""
+    for family in text_string_to_metric_families(operator.metrics()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} is not exported")
+
+
+def wait_metric(operator: OperatorProcess, name: str, value: float, **labels: str) -> None:
+    wait_until(
+        lambda: metric(operator, name, **labels) == value,
+        timeout=10,
+        message=lambda: f"{name}{labels} is {metric(operator, name, **labels)}, expected {value}",
+    )
+
+
+def test_metrics_count_a_graceful_stop(vmop: Vmop) -> None:
+    operator = vmop.start_operator()
+    vmop.create("coop", shutdown_policy={"gracePeriodSeconds": 60})
+    vmop.wait_running("coop")
+
+    wait_metric(operator, "vmop_virtual_machines", 1, power_state="Running")
+    assert metric(operator, "vmop_virtual_machines", power_state="Stopped") == 0
+    assert metric(operator, "vmop_libvirt_connected") == 1
+    assert metric(operator, "vmop_shutdowns_total", outcome="Graceful") == 0
+    assert metric(operator, "vmop_shutdown_duration_seconds_count", outcome="Graceful") == 0
+
+    vmop.vms.patch_spec("coop", powerState="Stopped")
+    record = vmop.vms.wait("coop", stopped, timeout=60, what="the graceful stop")["status"]["shutdown"]
+    assert record["outcome"] == "Graceful"
+
+    wait_metric(operator, "vmop_shutdowns_total", 1, outcome="Graceful")
+    assert metric(operator, "vmop_shutdown_duration_seconds_count", outcome="Graceful") == 1
+    took = (parse_time(record["completedAt"]) - parse_time(record["requestedAt"])).total_seconds()
+    assert metric(operator, "vmop_shutdown_duration_seconds_sum", outcome="Graceful") == pytest.approx(took, abs=1e-3)
+    assert metric(operator, "vmop_virtual_machines", power_state="Running") == 0
+    assert metric(operator, "vmop_virtual_machines", power_state="Stopped") == 1
+    assert metric(operator, "vmop_shutdowns_total", outcome="Forced") == 0
+    assert metric(operator, "vmop_forced_stop_after_deadline_seconds_count") == 0
+    assert metric(operator, "vmop_libvirt_connected") == 1
+
+
+def test_metrics_measure_how_far_past_its_deadline_a_forced_stop_landed(vmop: Vmop) -> None:
+    operator = vmop.start_operator()
+    vmop.create("stub", kind="stubborn", shutdown_policy={"gracePeriodSeconds": 2, "retryIntervalSeconds": 1})
+    vmop.wait_running("stub")
+    wait_metric(operator, "vmop_virtual_machines", 1, power_state="Running")
+    assert metric(operator, "vmop_forced_stop_after_deadline_seconds_count") == 0
+
+    vmop.vms.patch_spec("stub", powerState="Stopped")
+    record = vmop.vms.wait("stub", stopped, timeout=60, what="the forced stop")["status"]["shutdown"]
+    assert record["outcome"] == "Forced"
+
+    wait_metric(operator, "vmop_forced_stop_after_deadline_seconds_count", 1)
+    late = (parse_time(record["completedAt"]) - parse_time(record["deadline"])).total_seconds()
+    assert metric(operator, "vmop_forced_stop_after_deadline_seconds_sum") == pytest.approx(late, abs=1e-3)
+    assert metric(operator, "vmop_shutdowns_total", outcome="Forced") == 1
+    assert metric(operator, "vmop_shutdowns_total", outcome="Graceful") == 0
+    assert metric(operator, "vmop_shutdown_duration_seconds_count", outcome="Forced") == 1
+    assert metric(operator, "vmop_virtual_machines", power_state="Stopped") == 1
