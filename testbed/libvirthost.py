@@ -282,6 +282,20 @@ class LibvirtHost:
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def stop_daemon(self) -> None:
+        """Stop libvirtd alone and leave its guests running: what a libvirtd crash or upgrade looks like to
+        its clients. `start_daemon` brings it back, and it finds its running guests again."""
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._stop_daemon(self._process)
+            self._process = None
+
+    def start_daemon(self) -> None:
+        self._launch()
+
     def _remove_domains(self, conn: libvirt.virConnect) -> None:
         # failures are reported, not raised: the daemon goes next anyway, and leftover QEMU processes
         # are killed after it
