@@ -70,10 +70,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--virt-type",
-        choices=["kvm", "qemu"],
+        choices=["kvm", "qemu", "test"],
         default=_env("VIRT_TYPE", "kvm"),
-        help="[VMOP_VIRT_TYPE] libvirt domain type: kvm (hardware virtualization) or qemu (TCG "
-        "emulation, for hosts where KVM does not work)",
+        help="[VMOP_VIRT_TYPE] libvirt domain type: kvm (hardware virtualization), qemu (TCG emulation, for "
+        "hosts where KVM does not work) or test (libvirt's test:///default driver, for scale measurements)",
     )
     p.add_argument(
         "--console-log-dir",
