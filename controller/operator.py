@@ -20,7 +20,7 @@ import kopf
 import pydantic
 from kubernetes import client
 
-from controller import domainxml, shutdown, storage
+from controller import domainxml, storage
 from controller.api import (
     FINALIZER,
     GROUP,
@@ -39,6 +39,7 @@ from controller.reconcile import (
     ActionKind,
     Plan,
     VirtualMachine,
+    after_request,
     decide,
     domain_name,
     unreachable,
@@ -224,21 +225,11 @@ class VmWorker:
                 await self._request_shutdown(status, action)
 
     async def _request_shutdown(self, status: VirtualMachineStatus, action: Action) -> None:
-        record = status.shutdown
-        assert record is not None
         method, refusals = await self._op.hypervisor.request_shutdown(self.domain, action.methods)
-        record = shutdown.record_attempt(record, method=method, message=refusals, now=utcnow())
-        await self._write_status(status, status.model_copy(update={"shutdown": record}))
-        if method is None:
-            reason, type_, message = "ShutdownRequestFailed", "Warning", f"no method was accepted: {refusals}"
-        elif record.attempts == 1:
-            reason, type_, message = "ShutdownRequested", "Normal", f"asked the guest to shut down by {method}"
-        else:
-            reason, type_, message = "ShutdownRequestResent", "Normal", f"request {record.attempts}, by {method}"
-        if refusals and method is not None:
-            message += f" (not by: {refusals})"
-        self._log.info("%s: %s", reason, message, extra={"reason": reason})
-        await self._op.kube.post_event(self.body, type_=type_, reason=reason, message=message)
+        new_status, event = after_request(status, method=method, refusals=refusals, now=utcnow())
+        await self._write_status(status, new_status)
+        self._log.info("%s: %s", event.reason, event.message, extra={"reason": event.reason})
+        await self._op.kube.post_event(self.body, type_=event.type, reason=event.reason, message=event.message)
 
 
 class Operator:

@@ -387,13 +387,6 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
         case shutdown.StepKind.FORCE:
             return d.plan(Action(ActionKind.FORCE_OFF))
         case shutdown.StepKind.REQUEST:
-            if step.record.attempts > 0:
-                d.event(
-                    "Normal",
-                    "StopRequestResent",
-                    f"re-sending the shutdown request ({', '.join(m.value for m in step.methods)}), "
-                    f"request {step.record.attempts + 1}; deadline {step.record.deadline}",
-                )
             return d.plan(Action(ActionKind.REQUEST_SHUTDOWN, methods=step.methods))
     return d.plan(wake_at=step.wake_at)
 
@@ -514,3 +507,18 @@ def unreachable(vm: VirtualMachine, error: str, now: datetime, settings: Setting
     if previous is None or previous.reason != "HypervisorUnreachable":
         d.event("Warning", "HypervisorUnreachable", message)
     return d.plan()
+
+
+def after_request(
+    status: VirtualMachineStatus, *, method: str | None, refusals: str, now: datetime
+) -> tuple[VirtualMachineStatus, Event]:
+    """Record a shutdown request the shell sent, and say what happened: which method libvirt accepted."""
+    assert status.shutdown is not None
+    record = shutdown.record_attempt(status.shutdown, method=method, message=refusals, now=now)
+    if method is None:
+        event = Event("Warning", "ShutdownRequestFailed", f"no method was accepted: {refusals}")
+    else:
+        reason = "ShutdownRequested" if record.attempts == 1 else "ShutdownRequestResent"
+        message = f"request {record.attempts} by {method}; deadline {record.deadline}"
+        event = Event("Normal", reason, message + (f" (not by: {refusals})" if refusals else ""))
+    return status.model_copy(update={"shutdown": record}), event

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from controller import shutdown
 from controller.api import (
     DomainSpec,
     ObservedPowerState,
@@ -31,7 +30,9 @@ from controller.reconcile import (
     Settings,
     StopCause,
     VirtualMachine,
+    after_request,
     decide,
+    unreachable,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -119,12 +120,12 @@ class World:
         if plan.action is not None and plan.action.kind is A.REQUEST_SHUTDOWN:
             assert status.shutdown is not None
             assert status.shutdown.deadline is not None, "the deadline is written before the request is sent"
-            record = shutdown.record_attempt(
-                status.shutdown, method=plan.action.methods[0].value, message="", now=self.now
-            )
-            status = status.model_copy(update={"shutdown": record})
+            status, sent = after_request(status, method=plan.action.methods[0].value, refusals="", now=self.now)
+            self.events.extend(kinds(plan))
+            self.events.append((sent.type, sent.reason))
+        else:
+            self.events.extend(kinds(plan))
         self.vm = replace(self.vm, status=status)
-        self.events.extend(kinds(plan))
         if plan.action is not None:
             self.actions.append((plan.action.kind, self.now))
             self.execute(plan.action.kind)
@@ -411,9 +412,10 @@ def test_stubborn_guest_gets_resends_then_is_forced_exactly_at_the_deadline() ->
     w.edit(power_state=STOPPED)
     taken = w.run_until(T0 + s(34))
     assert taken == [(A.REQUEST_SHUTDOWN, T0 + s(k)) for k in (0, 10, 20, 30)]
-    assert [e for e in w.events if e[0] == "Normal"] == [("Normal", "StopRequested")] + [
-        ("Normal", "StopRequestResent")
-    ] * 3
+    assert [e for e in w.events if e[0] == "Normal"] == [
+        ("Normal", "StopRequested"),
+        ("Normal", "ShutdownRequested"),
+    ] + [("Normal", "ShutdownRequestResent")] * 3
     record = w.status.shutdown
     assert record is not None
     assert record.attempts == 4
@@ -953,3 +955,32 @@ def test_a_spec_hash_change_redefines_the_domain() -> None:
     assert w.settle() == []
     assert w.domain.state is DomainState.RUNNING
     assert w.status.observed_generation == 2
+
+
+def test_libvirt_unreachable_makes_the_state_unknown_and_warns_once() -> None:
+    w = stopping()
+    deadline = w.status.shutdown.deadline if w.status.shutdown else None
+    plan = unreachable(w.vm, "connection refused", w.now + s(1))
+    assert plan.action is None
+    assert plan.status.power_state is ObservedPowerState.UNKNOWN
+    assert cond(plan.status, "Ready") == ("Unknown", "HypervisorUnreachable")
+    assert cond(plan.status, "Synced") == ("False", "HypervisorUnreachable")
+    assert plan.status.shutdown is not None
+    assert plan.status.shutdown.deadline == deadline, "an outage loses no deadline"
+    assert kinds(plan) == [("Warning", "HypervisorUnreachable")]
+    again = unreachable(replace(w.vm, status=plan.status), "connection refused", w.now + s(2))
+    assert kinds(again) == []
+
+
+def test_a_request_no_method_accepted_is_counted_and_warned() -> None:
+    w = running()
+    w.edit(power_state=STOPPED)
+    plan = w.decide()
+    assert plan.action is not None
+    assert plan.action.kind is A.REQUEST_SHUTDOWN
+    status, event = after_request(plan.status, method=None, refusals="ACPI: unsupported", now=w.now)
+    assert status.shutdown is not None
+    assert status.shutdown.attempts == 1
+    assert status.shutdown.recent_attempts[-1].method == "None"
+    assert (event.type, event.reason) == ("Warning", "ShutdownRequestFailed")
+    assert "ACPI: unsupported" in event.message

@@ -1,0 +1,42 @@
+"""Operator settings: flags, their environment fallbacks, and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.settings import from_args
+
+
+def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODE_NAME", "node-a")
+    monkeypatch.setenv("VMOP_ALLOWED_STORAGE_DIRS", "/srv/a:/srv/b")
+    monkeypatch.setenv("VMOP_VIRT_TYPE", "qemu")
+    settings = from_args([])
+    assert settings.node_name == "node-a"
+    assert settings.allowed_storage_dirs == (Path("/srv/a"), Path("/srv/b"))
+    assert settings.host.virt_type == "qemu"
+    assert settings.libvirt_uri == "qemu:///system"
+    assert settings.resync.total_seconds() == 300
+
+
+def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODE_NAME", "node-a")
+    settings = from_args(["--node-name", "node-b", "--allowed-storage-dir", "/x", "--allowed-storage-dir", "/y"])
+    assert settings.node_name == "node-b"
+    assert settings.allowed_storage_dirs == (Path("/x"), Path("/y"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [([], "--node-name"), (["--node-name", "n", "--agent-timeout", "0"], "--agent-timeout must be positive")],
+)
+def test_bad_settings_are_refused_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        from_args(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
