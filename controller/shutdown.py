@@ -80,7 +80,9 @@ def next_step(policy: ShutdownPolicy, record: ShutdownRecord, now: datetime) -> 
         record = record.model_copy(update={"deadline": deadline})
     forcing = policy.mode is ShutdownMode.FORCE or policy.force_after_deadline
     if forcing and now >= deadline:
-        return Step(StepKind.FORCE, record.model_copy(update={"method": FORCE_METHOD}))
+        # The record is left as it is, so the shell has no status to write before it forces: the deadline
+        # was persisted long ago, and every millisecond here is overshoot. complete() notes the Force.
+        return Step(StepKind.FORCE, record)
     # Past the deadline without forcing: overdue on every step from now on, re-sends included.
     overdue = now >= deadline
     methods = tuple(policy.methods)
@@ -106,4 +108,7 @@ def record_attempt(record: ShutdownRecord, *, method: str | None, message: str, 
 
 
 def complete(record: ShutdownRecord, outcome: ShutdownOutcome, now: datetime) -> ShutdownRecord:
-    return record.model_copy(update={"outcome": outcome, "completed_at": now})
+    changes: dict[str, object] = {"outcome": outcome, "completed_at": now}
+    if outcome is ShutdownOutcome.FORCED:
+        changes["method"] = FORCE_METHOD
+    return record.model_copy(update=changes)

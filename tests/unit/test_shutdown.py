@@ -164,9 +164,10 @@ def test_force_exactly_at_the_deadline_and_not_a_microsecond_before() -> None:
     assert before.kind is WAIT
     at = next_step(pol, record, T0 + s(30))
     assert at.kind is FORCE
-    assert at.record.method == "Force"
-    assert at.record.deadline == T0 + s(30)
+    assert at.record == record, "nothing to write before forcing: the deadline is already in status"
     assert next_step(pol, record, T0 + s(31)).kind is FORCE
+    done = complete(at.record, ShutdownOutcome.FORCED, T0 + s(30))
+    assert done.method == "Force"
 
 
 def test_force_wins_over_a_retry_due_at_the_deadline() -> None:
