@@ -288,7 +288,7 @@ class VirtualMachineStatus(_Model):
         ObservedPowerState.UNKNOWN, description="The power state observed in libvirt."
     )
     domain_name: str | None = Field(None, description="The libvirt domain's name.")
-    domain_uuid: str | None = Field(None, description="The libvirt domain's UUID.")
+    domain_uuid: str | None = Field(None, alias="domainUUID", description="The libvirt domain's UUID.")
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     restarted_at: str | None = Field(
         None, description="The value of the vmop.dev/restartedAt annotation whose restart was last carried out."

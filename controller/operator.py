@@ -225,7 +225,18 @@ class VmWorker:
                 await self._request_shutdown(status, action)
 
     async def _request_shutdown(self, status: VirtualMachineStatus, action: Action) -> None:
-        method, refusals = await self._op.hypervisor.request_shutdown(self.domain, action.methods)
+        assert status.shutdown is not None
+        deadline = status.shutdown.deadline
+        # A slow guest agent must never push the force back: a request gets at most the time left until
+        # the deadline (libvirt's own agent timeout bounds it further; a late answer is simply dropped).
+        budget = (deadline - utcnow()).total_seconds() if deadline is not None else None
+        try:
+            method, refusals = await asyncio.wait_for(
+                self._op.hypervisor.request_shutdown(self.domain, action.methods),
+                timeout=budget if budget is not None and budget > 0 else None,
+            )
+        except TimeoutError:
+            method, refusals = None, "no method answered before the deadline"
         new_status, event = after_request(status, method=method, refusals=refusals, now=utcnow())
         await self._write_status(status, new_status)
         self._log.info("%s: %s", event.reason, event.message, extra={"reason": event.reason})

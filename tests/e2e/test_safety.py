@@ -10,7 +10,7 @@ import libvirt
 import pytest
 
 from testbed.controlplane import ControlPlane, KubectlError
-from testbed.vmop import condition
+from testbed.vmop import Vms, condition
 from testbed.wait import holds_until
 from tests.e2e.conftest import Vmop
 
@@ -142,3 +142,21 @@ def test_libvirt_is_not_touched_for_a_refused_spec_of_a_running_vm(vmop: Vmop) -
     assert vmop.domain("keeper").ID() == domain_id, "a refused spec must never turn a VM off"
     xml = vmop.domain("keeper").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     assert "/etc/shadow" not in xml
+
+
+def test_same_name_in_two_namespaces_gets_two_domains(vmop: Vmop, control_plane: ControlPlane) -> None:
+    other_namespace = f"{vmop.namespace}-b"[:63]
+    control_plane.kubectl("create", "namespace", other_namespace)
+    other = Vms(control_plane.api_client(), other_namespace)
+    vmop.start_operator()
+    try:
+        vmop.create("twin", kind="firmware")
+        other.create(vmop.manifest("twin", kind="firmware"))
+        first = vmop.wait_running("twin", ready=False)
+        second = other.wait(
+            "twin", lambda b: b.get("status", {}).get("powerState") == "Running", timeout=60, what="Running"
+        )
+        assert first["status"]["domainName"] != second["status"]["domainName"]
+        assert first["status"]["domainUUID"] != second["status"]["domainUUID"]
+    finally:
+        vmop.libvirt.remove_guest(f"{other_namespace}_twin")
