@@ -20,6 +20,8 @@ from controller.api import FINALIZER, GROUP, KIND, PLURAL, VERSION
 logger = logging.getLogger("vmop.kube")
 _JSON_PATCH = "application/json-patch+json"
 _COMPONENT = "vmop"
+# The name GitOps tools see in managedFields for what the operator wrote: status and its finalizer.
+FIELD_MANAGER = "vmop"
 
 
 class Kube:
@@ -42,6 +44,7 @@ class Kube:
             plural=PLURAL,
             name=name,
             body=[{"op": "add", "path": "/status", "value": status}],
+            field_manager=FIELD_MANAGER,
             _content_type=_JSON_PATCH,
         )
         return result
@@ -79,6 +82,7 @@ class Kube:
             plural=PLURAL,
             name=meta["name"],
             body=patch,
+            field_manager=FIELD_MANAGER,
             _content_type=_JSON_PATCH,
         )
         return result

@@ -43,6 +43,12 @@ class Metrics:
         self.libvirt_connected = Gauge(
             "vmop_libvirt_connected", "1 while the libvirt connection is up.", registry=self.registry
         )
+        # Every label value exported from the start, at 0: a series that appears only at its first
+        # increment hides that increment from rate() and increase(), and reads as "no data" on a dashboard.
+        for outcome in ShutdownOutcome:
+            self.shutdowns.labels(outcome.value)
+            self.shutdown_seconds.labels(outcome.value)
+        self.power_states(Tally())
 
     def stop_finished(self, record: ShutdownRecord) -> None:
         if record.outcome is None or record.completed_at is None:

@@ -108,6 +108,7 @@ class VmWorker:
         self._op = operator
         self._wake = asyncio.Event()
         self._backoff = 0.0
+        self._last_action: Action | None = None
         self._log = logging.LoggerAdapter(logger, {"vm": f"{self.key[0]}/{self.key[1]}", "domain": self.domain})
         self.task = asyncio.create_task(self._run(), name=f"vm:{self.key[0]}/{self.key[1]}")
 
@@ -160,9 +161,19 @@ class VmWorker:
             settings=op.decision_settings,
         )
         await self._apply(vm, plan)
+        self._op.power_state_seen(self.key, plan.status.power_state)
         if plan.action is None:
             self._backoff = 0.0
+            self._last_action = None
             return (plan.wake_at - utcnow()).total_seconds() if plan.wake_at else None
+        if plan.action == self._last_action:
+            # Every action changes what the next decision sees; the same one again at once had no effect.
+            # Back off rather than spin against libvirt and the API server, and say so.
+            self._log.warning("%s again without effect: backing off", plan.action.kind.value)
+            self._op.metrics.reconcile_errors.labels("repeated").inc()
+            self._last_action = None
+            return self._next_backoff()
+        self._last_action = plan.action
         try:
             await self._act(vm, plan.status, plan.action)
         except HypervisorUnavailable as error:
@@ -188,7 +199,7 @@ class VmWorker:
         if new == old:
             return
         self.body = await self._op.kube.replace_status(self.key[0], self.key[1], _status_json(new))
-        self._op.status_written(self.key, old, new)
+        self._op.status_written(old, new)
 
     async def _act(self, vm: VirtualMachine, status: VirtualMachineStatus, action: Action) -> None:
         op = self._op
@@ -301,15 +312,15 @@ class Operator:
         for worker in self.workers.values():
             worker.wake()
 
-    def status_written(self, key: Key, old: VirtualMachineStatus, new: VirtualMachineStatus) -> None:
-        if (
-            new.shutdown is not None
-            and new.shutdown.outcome is not None
-            and (old.shutdown is None or old.shutdown.outcome is None or old.shutdown != new.shutdown)
-        ):
+    def status_written(self, old: VirtualMachineStatus, new: VirtualMachineStatus) -> None:
+        if new.shutdown is not None and new.shutdown.outcome is not None and old.shutdown != new.shutdown:
             self.metrics.stop_finished(new.shutdown)
-        self._power_states[key] = new.power_state
-        self.metrics.power_states(Counter(self._power_states.values()))
+
+    def power_state_seen(self, key: Key, state: ObservedPowerState) -> None:
+        """Counted on every reconcile, not only on status writes: after an operator restart nothing is written."""
+        if self._power_states.get(key) != state:
+            self._power_states[key] = state
+            self.metrics.power_states(Counter(self._power_states.values()))
 
     async def stop(self) -> None:
         """Stop the workers and drop the libvirt connection; every guest is left exactly as it is."""

@@ -150,6 +150,10 @@ def set_condition(
     return [c for c in conditions if c.type != type_] + [condition]
 
 
+def _iso(moment: datetime | None) -> str:
+    return moment.isoformat() if moment else "none"
+
+
 def _seconds(delta: timedelta) -> str:
     return f"{delta.total_seconds():.2f}s"
 
@@ -279,13 +283,13 @@ def decide(
     return _run(d, spec, domain, target, blocked=bool(storage_problems), restart=restart_pending)
 
 
-def _domain_name(vm: VirtualMachine) -> str:
-    # "_" is allowed in neither namespace nor object names, so names from different namespaces never clash.
-    return f"{vm.namespace}_{vm.name}"
-
-
 def domain_name(namespace: str, name: str) -> str:
+    # "_" is allowed in neither namespace nor object names, so names from different namespaces never clash.
     return f"{namespace}_{name}"
+
+
+def _domain_name(vm: VirtualMachine) -> str:
+    return domain_name(vm.namespace, vm.name)
 
 
 def _observed(domain: Domain, status: VirtualMachineStatus) -> ObservedPowerState:
@@ -371,11 +375,11 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
     if domain.state is DomainState.PAUSED and step.kind is not shutdown.StepKind.FORCE:
         return _resume_to_hear(d)
     d.update(power_state=ObservedPowerState.SHUTTING_DOWN)
-    d.ready = ("False", "ShuttingDown", f"shutting down; deadline {step.record.deadline}")
+    d.ready = ("False", "ShuttingDown", f"shutting down; deadline {_iso(step.record.deadline)}")
     if step.overdue:
         # Also on the re-sends after the deadline, so that Ready does not flap on every request.
         message = (
-            f"the deadline {step.record.deadline} passed and forceAfterDeadline is false: still asking the guest; "
+            f"the deadline {_iso(step.record.deadline)} passed and forceAfterDeadline is false: still asking the guest; "
             "set shutdownPolicy.mode to Force to turn it off"
         )
         d.ready = ("False", "ShutdownOverdue", message)
@@ -519,6 +523,6 @@ def after_request(
         event = Event("Warning", "ShutdownRequestFailed", f"no method was accepted: {refusals}")
     else:
         reason = "ShutdownRequested" if record.attempts == 1 else "ShutdownRequestResent"
-        message = f"request {record.attempts} by {method}; deadline {record.deadline}"
+        message = f"request {record.attempts} by {method}; deadline {_iso(record.deadline)}"
         event = Event("Normal", reason, message + (f" (not by: {refusals})" if refusals else ""))
     return status.model_copy(update={"shutdown": record}), event

@@ -194,8 +194,8 @@ def test_reapplying_the_same_manifest_after_the_operator_acted_is_a_no_op(
     assert gitops["operation"] == "Apply"
     assert "f:spec" in gitops["fieldsV1"]
     assert "f:status" not in gitops["fieldsV1"]
-    operator = [e for e in entries if e["manager"] != ARGOCD]
-    assert operator, "the operator's writes appear in managedFields"
+    assert {e["manager"] for e in entries} == {ARGOCD, "vmop"}, "only Argo CD and the operator wrote the object"
+    operator = [e for e in entries if e["manager"] == "vmop"]
     for entry in operator:
         fields = entry["fieldsV1"]
         assert set(fields) <= {"f:status", "f:metadata"}, entry

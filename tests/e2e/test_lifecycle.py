@@ -8,7 +8,7 @@ from typing import Any
 import libvirt
 
 from testbed.vmop import condition, parse_time
-from testbed.wait import wait_until
+from testbed.wait import holds_until, wait_until
 from tests.e2e.conftest import Vmop
 
 
@@ -174,3 +174,26 @@ def test_graceful_delete_is_shortened_by_mode_force(vmop: Vmop) -> None:
     assert parse_time(body["status"]["shutdown"]["deadline"]) > parse_time(body["status"]["shutdown"]["requestedAt"])
     vmop.vms.patch("slowpoke", {"spec": {"shutdownPolicy": {"mode": "Force"}}})
     vmop.vms.wait_gone("slowpoke", timeout=30)
+
+
+def test_a_spec_change_of_a_running_vm_redefines_once_and_leaves_it_running(vmop: Vmop) -> None:
+    vmop.start_operator()
+    vmop.create("grower", kind="firmware")
+    vmop.wait_running("grower", ready=False)
+    domain_id = vmop.domain("grower").ID()
+
+    vmop.vms.patch("grower", {"spec": {"domain": {"memoryMiB": 24}}})
+    vmop.vms.wait(
+        "grower",
+        lambda b: b["status"].get("observedGeneration") == b["metadata"]["generation"] and status_is("Running")(b),
+        timeout=30,
+        what="the new generation to be reconciled",
+    )
+    xml = vmop.domain("grower").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "<memory unit='KiB'>24576</memory>" in xml, "the persistent definition has the new memory"
+    holds_until(
+        lambda: vmop.vms.event_reasons("grower").count("DefinitionUpdated") == 1,
+        seconds=3,
+        message="the definition was updated more than once for one spec change",
+    )
+    assert vmop.domain("grower").ID() == domain_id, "the running guest was not restarted"

@@ -1,0 +1,168 @@
+"""Generates the API reference (docs/api.md) from the generated CRD, so that the page cannot drift from the API.
+
+It reads the CRD schema rather than the models because the schema is what the API server enforces:
+defaults, bounds, enums and CEL rules appear here exactly as `kubectl apply` will meet them. A unit test
+compares docs/api.md with `render()`; `python -m controller.apidoc > docs/api.md` rewrites it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from controller import api
+from controller.crd import crd_manifest
+
+Schema = dict[str, Any]
+
+
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading, so that type cells can link to the section of a nested object."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-")
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: a pipe (as in a CEL `||`) or a newline would otherwise break the row."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _is_object(schema: Schema) -> bool:
+    return schema.get("type") == "object" and "properties" in schema
+
+
+def _objects(path: str, schema: Schema) -> Iterator[tuple[str, Schema]]:
+    """Every object with fields, depth first in field order: each becomes one section of the page."""
+    yield path, schema
+    for name, field in schema.get("properties", {}).items():
+        if _is_object(field):
+            yield from _objects(f"{path}.{name}", field)
+        elif field.get("type") == "array" and _is_object(field.get("items", {})):
+            yield from _objects(f"{path}.{name}[]", field["items"])
+
+
+def _type(path: str, schema: Schema) -> str:
+    if _is_object(schema):
+        return f"[object](#{_anchor(path)})"
+    if schema.get("type") == "array":
+        return "array of " + _type(f"{path}[]", schema.get("items", {}))
+    kind = str(schema.get("type", "any"))
+    return f"{kind} ({schema['format']})" if "format" in schema else kind
+
+
+def _code(value: Any) -> str:
+    return f"`{value}`"
+
+
+def _range(low: Any, high: Any, noun: str) -> str | None:
+    if low is not None and high is not None:
+        return f"{low} to {high}{noun}"
+    if low is not None:
+        return f"at least {low}{noun}"
+    if high is not None:
+        return f"at most {high}{noun}"
+    return None
+
+
+def _validation(schema: Schema) -> str:
+    """Every rule the API server applies to the field itself, in words and as the schema states it."""
+    rules: list[str] = []
+    if "enum" in schema:
+        rules.append("one of " + ", ".join(_code(v) for v in schema["enum"]))
+    if schema.get("type") == "array" and "enum" in schema.get("items", {}):
+        rules.append("items one of " + ", ".join(_code(v) for v in schema["items"]["enum"]))
+    for low, high, noun in (
+        ("minimum", "maximum", ""),
+        ("minLength", "maxLength", " characters"),
+        ("minItems", "maxItems", " items"),
+    ):
+        text = _range(schema.get(low), schema.get(high), noun)
+        if text:
+            rules.append(text)
+    if "pattern" in schema:
+        rules.append(f"pattern {_code(schema['pattern'])}")
+    match schema.get("x-kubernetes-list-type"):
+        case "set":
+            rules.append("no duplicates")
+        case "map":
+            keys = ", ".join(_code(k) for k in schema.get("x-kubernetes-list-map-keys", []))
+            rules.append(f"one item per {keys}")
+    if not _is_object(schema):  # an object's own rules head its section instead
+        rules += [f"{_code(rule['rule'])}: {rule['message']}" for rule in schema.get("x-kubernetes-validations", [])]
+    return "; ".join(rules)
+
+
+def _table(path: str, schema: Schema) -> list[str]:
+    required = set(schema.get("required", []))
+    lines = ["| Field | Type | Default | Validation | Description |", "|---|---|---|---|---|"]
+    for name, field in schema.get("properties", {}).items():
+        label = f"`{name}`" + (" (required)" if name in required else "")
+        default = _code(json.dumps(field["default"])) if "default" in field else ""
+        cells = (label, _type(f"{path}.{name}", field), default, _validation(field), field.get("description", ""))
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def _section(path: str, schema: Schema) -> list[str]:
+    lines = [f"### {path}", ""]
+    if schema.get("description"):
+        lines += [schema["description"], ""]
+    object_rules = schema.get("x-kubernetes-validations", [])
+    if object_rules:
+        lines += ["Rules checked by the API server on the whole object:", ""]
+        lines += [f"- {_code(r['rule'])}: {r['message']}" for r in object_rules]
+        lines.append("")
+    return [*lines, *_table(path, schema), ""]
+
+
+def render() -> str:
+    crd = crd_manifest()
+    spec = crd["spec"]
+    version = spec["versions"][0]
+    root: Schema = version["schema"]["openAPIV3Schema"]
+    names = spec["names"]
+    lines = [
+        "<!-- Generated by `python -m controller.apidoc` from the CRD (controller/api.py); do not edit by hand. -->",
+        "",
+        f"# {names['kind']} API reference ({spec['group']}/{version['name']})",
+        "",
+        root["description"],
+        "",
+        f"- API version: `{spec['group']}/{version['name']}`, kind `{names['kind']}`, {spec['scope'].lower()}",
+        f"- Names: `{names['plural']}`, `{names['singular']}`, short names "
+        + ", ".join(_code(n) for n in names.get("shortNames", []))
+        + ", categories "
+        + ", ".join(_code(c) for c in names.get("categories", [])),
+        "- Field selectors: " + ", ".join(_code(f["jsonPath"]) for f in version.get("selectableFields", [])),
+        "- The status is a subresource: only the operator writes it, and never the spec.",
+        "",
+        "## Metadata the operator reads or writes",
+        "",
+        "| Key | Kind | Meaning |",
+        "|---|---|---|",
+        f"| `{api.FINALIZER}` | finalizer (written by the operator) | Added before the domain is defined; removed "
+        "once the `onDelete` policy has stopped the VM and the domain is undefined. Disks are never deleted. |",
+        f"| `{api.RESTART_ANNOTATION}` | annotation (written by you) | An RFC 3339 time; each new value asks for "
+        "one restart: a stop by `shutdownPolicy`, then a start. |",
+        "",
+        "## `kubectl get` columns",
+        "",
+        "| Column | Type | JSON path |",
+        "|---|---|---|",
+        *(
+            f"| {c['name']} | {c['type']} | {_cell(_code(c['jsonPath']))} |"
+            for c in version.get("additionalPrinterColumns", [])
+        ),
+        "",
+        "## Fields",
+        "",
+    ]
+    for path, schema in _objects(names["kind"], root):
+        lines += _section(path, schema)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
