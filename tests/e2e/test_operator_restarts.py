@@ -68,8 +68,10 @@ def test_operator_restart_leaves_running_guests_running(vmop: Vmop) -> None:
     assert body["status"]["powerState"] == "Running"
     # Nothing changed, so nothing is written; the gauges still count what the restarted operator sees.
     wait_until(
-        lambda: 'vmop_virtual_machines{power_state="Running"} 1.0' in vmop.operator.metrics()
-        and 'vmop_virtual_machines{power_state="Paused"} 1.0' in vmop.operator.metrics(),
+        lambda: (
+            'vmop_virtual_machines{power_state="Running"} 1.0' in vmop.operator.metrics()
+            and 'vmop_virtual_machines{power_state="Paused"} 1.0' in vmop.operator.metrics()
+        ),
         timeout=30,
         message=lambda: f"power-state gauges after the restart:\n{vmop.operator.metrics()}",
     )
