@@ -2,7 +2,9 @@
 
 libvirt-python's calls block, so each runs in a thread pool of its own, large enough that many VMs can
 be forced off at the same instant; the asyncio event loop never waits on libvirt. Lifecycle events come
-through libvirtaio (libvirt's event loop on asyncio) and wake the VM they concern at once. When the
+from libvirt's own (thread-safe) default event loop, run on one dedicated thread, and are handed to
+asyncio with call_soon_threadsafe: libvirtaio would run that loop on asyncio itself, but its handle
+bookkeeping is not thread-safe, and every call made from the pool updates those handles. When the
 daemon goes away, calls fail with HypervisorUnavailable and a background task reconnects with backoff.
 """
 
@@ -10,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import libvirt
-import libvirtaio
 
 from controller import domainxml
 from controller.api import ShutdownMethod
@@ -34,6 +37,18 @@ _STOP_CAUSES = {
 }
 # Errors that mean the connection, not the request, failed.
 _CONNECTION_ERRORS = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+
+
+@functools.cache
+def _start_libvirt_event_loop() -> None:
+    """Once per process, before the first connection: libvirt delivers events only through a running loop."""
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, name="libvirt-events", daemon=True).start()
 
 
 class HypervisorUnavailable(Exception):
@@ -77,6 +92,7 @@ class Hypervisor:
         self._graceful_destroy_timeout = graceful_destroy_timeout
         self._reconnect_max_backoff = reconnect_max_backoff
         self._conn: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lost = asyncio.Event()
         self._reconnector: asyncio.Task[None] | None = None
 
@@ -85,8 +101,9 @@ class Hypervisor:
         return self._conn is not None
 
     async def open(self) -> None:
-        """Register libvirt's event loop on this asyncio loop, then connect (and keep reconnecting)."""
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+        """Start libvirt's event loop, then connect (and keep reconnecting)."""
+        _start_libvirt_event_loop()
+        self._loop = asyncio.get_running_loop()
         self._lost.set()
         self._reconnector = asyncio.create_task(self._keep_connected(), name="libvirt-reconnect")
 
@@ -105,11 +122,7 @@ class Hypervisor:
         while True:
             await self._lost.wait()
             try:
-                conn = await self._run(libvirt.open, self.uri)
-                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
-                conn.registerCloseCallback(self._closed, None)
-                # Keepalive makes a dead daemon show as a closed connection instead of a hung call.
-                conn.setKeepAlive(5, 3)
+                conn = await self._run(self._connect)
             except libvirt.libvirtError as error:
                 logger.warning(
                     "libvirt at %s is unreachable: %s; retrying in %.1fs",
@@ -127,12 +140,24 @@ class Hypervisor:
             logger.info("connected to libvirt at %s", self.uri, extra={"libvirt_uri": self.uri})
             self._on_connection_change(True)
 
+    def _connect(self) -> Any:
+        """Open the connection and subscribe to it (blocking calls, so they run in the pool)."""
+        conn = libvirt.open(self.uri)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+        conn.registerCloseCallback(self._closed, None)
+        # Keepalive makes a dead daemon show as a closed connection instead of a hung call.
+        conn.setKeepAlive(5, 3)
+        return conn
+
     def _lifecycle(self, _conn: Any, domain: Any, event: int, detail: int, _opaque: Any) -> None:
-        self._on_domain_event(domain.name())
+        # On the libvirt-events thread: only hand over to the asyncio loop.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_domain_event, domain.name())
 
     def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
         logger.warning("the libvirt connection closed (reason %d); reconnecting", reason)
-        self._disconnected()
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._disconnected)
 
     def _disconnected(self) -> None:
         if self._conn is None:

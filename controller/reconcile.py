@@ -262,9 +262,20 @@ def decide(
             return d.plan()
 
     if domain is None:
-        d.update(domain_name=_domain_name(vm), power_state=ObservedPowerState.STOPPED, restarted_at=vm.restart_token)
         d.ready = ("False", "Defining", "defining the libvirt domain")
-        d.event("Normal", "Defined", f"defining libvirt domain {_domain_name(vm)}")
+        if vm.status.domain_uuid is None:
+            # A new VM: a restart annotation it was created with is not a request to restart.
+            d.update(
+                domain_name=_domain_name(vm), power_state=ObservedPowerState.STOPPED, restarted_at=vm.restart_token
+            )
+            d.event("Normal", "Defined", f"defining libvirt domain {_domain_name(vm)}")
+        else:
+            # Drift: the status keeps what was last seen, so that restartPolicy judges the stop once defined.
+            d.event(
+                "Warning",
+                "DomainMissing",
+                f"libvirt domain {_domain_name(vm)} was undefined outside vmop; defining it again",
+            )
         return d.plan(Action(ActionKind.DEFINE))
 
     if not storage_problems and domain.spec_hash != expected_spec_hash:
@@ -360,7 +371,7 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
         deadline = record.deadline
         assert deadline is not None
         verb = {ShutdownPurpose.RESTART: "restart", ShutdownPurpose.DELETE: "delete"}.get(purpose, "stop")
-        if graceful:
+        if graceful and (policy.grace_period_seconds > 0 or not policy.force_after_deadline):
             d.event(
                 "Normal",
                 "StopRequested",
@@ -368,7 +379,8 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
                 f"deadline {deadline.isoformat()} ({policy.grace_period_seconds}s)",
             )
         else:
-            d.event("Normal", "ForcingOff", f"{verb}: turning the VM off at once (mode Force)")
+            why = "mode Force" if not graceful else "gracePeriodSeconds 0"
+            d.event("Normal", "ForcingOff", f"{verb}: turning the VM off at once ({why})")
 
     step = shutdown.next_step(policy, record, d.now)
     d.update(shutdown=step.record)
