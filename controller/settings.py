@@ -30,8 +30,11 @@ class Settings:
     graceful_destroy_timeout: float
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"VMOP_{name}", default)
+def _option(
+    p: argparse.ArgumentParser, flag: str, env: str, help_text: str, *, default: object = None, **kwargs: object
+) -> None:
+    """A flag whose default comes from an environment variable; argparse parses a string default with `type`."""
+    p.add_argument(flag, default=os.environ.get(env, default), help=f"[{env}] {help_text}", **kwargs)  # type: ignore[arg-type]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,93 +47,95 @@ def parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
+    _option(
+        p,
         "--node-name",
-        default=os.environ.get("NODE_NAME"),
-        help="[NODE_NAME] the node this operator serves: it touches only VirtualMachines whose "
-        "spec.nodeName is this (set it from the downward API spec.nodeName)",
+        "NODE_NAME",
+        "the node this operator serves: it touches only VirtualMachines whose spec.nodeName is this "
+        "(set it from the downward API spec.nodeName)",
     )
-    p.add_argument(
-        "--libvirt-uri",
-        default=_env("LIBVIRT_URI", "qemu:///system"),
-        help="[VMOP_LIBVIRT_URI] the libvirt connection URI",
-    )
-    p.add_argument(
-        "--kubeconfig",
-        default=os.environ.get("KUBECONFIG"),
-        help="[KUBECONFIG] kubeconfig file; without it the in-cluster service account is used",
-    )
+    _option(p, "--libvirt-uri", "VMOP_LIBVIRT_URI", "the libvirt connection URI", default="qemu:///system")
+    _option(p, "--kubeconfig", "KUBECONFIG", "kubeconfig file; without it the in-cluster service account is used")
     p.add_argument(
         "--allowed-storage-dir",
         action="append",
         dest="allowed_storage_dirs",
         default=None,
-        help="[VMOP_ALLOWED_STORAGE_DIRS, colon-separated] a directory kernels, initrds and disks may "
-        f"resolve into (repeatable; default {':'.join(map(str, DEFAULT_ALLOWED_DIRS))})",
+        help="[VMOP_ALLOWED_STORAGE_DIRS, colon-separated] a directory kernels, initrds and disks may resolve "
+        f"into (repeatable; default {':'.join(map(str, DEFAULT_ALLOWED_DIRS))})",
     )
-    p.add_argument(
+    _option(
+        p,
         "--virt-type",
+        "VMOP_VIRT_TYPE",
+        "libvirt domain type: kvm (hardware virtualization), qemu (TCG emulation, for hosts where KVM does "
+        "not work) or test (libvirt's test:///default driver, for scale measurements)",
+        default="kvm",
         choices=["kvm", "qemu", "test"],
-        default=_env("VIRT_TYPE", "kvm"),
-        help="[VMOP_VIRT_TYPE] libvirt domain type: kvm (hardware virtualization), qemu (TCG emulation, for "
-        "hosts where KVM does not work) or test (libvirt's test:///default driver, for scale measurements)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--console-log-dir",
-        default=_env("CONSOLE_LOG_DIR"),
-        help="[VMOP_CONSOLE_LOG_DIR] write each guest's serial console to DIR/<domain>.log "
-        "(default: a pty, for virsh console)",
+        "VMOP_CONSOLE_LOG_DIR",
+        "write each guest's serial console to DIR/<domain>.log (default: a pty, for virsh console)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--tcg-tb-cache-mib",
+        "VMOP_TCG_TB_CACHE_MIB",
+        "TCG translation cache per guest (qemu type only; lowers memory)",
         type=int,
-        default=_env("TCG_TB_CACHE_MIB"),
-        help="[VMOP_TCG_TB_CACHE_MIB] TCG translation cache per guest (qemu type only; lowers memory)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--resync-seconds",
+        "VMOP_RESYNC_SECONDS",
+        "look at every VM at least this often, in case an event was missed",
+        default="300",
         type=float,
-        default=float(_env("RESYNC_SECONDS", "300") or 300),
-        help="[VMOP_RESYNC_SECONDS] look at every VM at least this often, in case an event was missed",
     )
-    p.add_argument(
-        "--log-format",
-        choices=["json", "text"],
-        default=_env("LOG_FORMAT", "json"),
-        help="[VMOP_LOG_FORMAT] log line format",
-    )
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[VMOP_LOG_LEVEL] log level")
-    p.add_argument(
+    _option(p, "--log-format", "VMOP_LOG_FORMAT", "log line format", default="json", choices=["json", "text"])
+    _option(p, "--log-level", "VMOP_LOG_LEVEL", "log level", default="INFO")
+    _option(
+        p,
         "--metrics-port",
+        "VMOP_METRICS_PORT",
+        "port of the Prometheus /metrics endpoint (0 disables it)",
+        default="9090",
         type=int,
-        default=int(_env("METRICS_PORT", "9090") or 9090),
-        help="[VMOP_METRICS_PORT] port of the Prometheus /metrics endpoint (0 disables it)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--health-port",
+        "VMOP_HEALTH_PORT",
+        "port of the /healthz endpoint (liveness and readiness)",
+        default="8080",
         type=int,
-        default=int(_env("HEALTH_PORT", "8080") or 8080),
-        help="[VMOP_HEALTH_PORT] port of the /healthz endpoint (liveness and readiness)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--libvirt-workers",
+        "VMOP_LIBVIRT_WORKERS",
+        "threads for blocking libvirt calls: how many VMs can be acted on at the same instant "
+        "(libvirtd's max_client_requests must allow as many)",
+        default="64",
         type=int,
-        default=int(_env("LIBVIRT_WORKERS", "64") or 64),
-        help="[VMOP_LIBVIRT_WORKERS] threads for blocking libvirt calls: how many VMs can be acted on "
-        "at the same instant (libvirtd's max_client_requests must allow as many)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--agent-timeout",
+        "VMOP_AGENT_TIMEOUT",
+        "seconds a guest-agent shutdown request may take before ACPI is tried",
+        default="5",
         type=float,
-        default=float(_env("AGENT_TIMEOUT", "5") or 5),
-        help="[VMOP_AGENT_TIMEOUT] seconds a guest-agent shutdown request may take before ACPI is tried",
     )
-    p.add_argument(
+    _option(
+        p,
         "--graceful-destroy-timeout",
+        "VMOP_GRACEFUL_DESTROY_TIMEOUT",
+        "at the deadline QEMU gets SIGTERM first; seconds before it is killed outright",
+        default="5",
         type=float,
-        default=float(_env("GRACEFUL_DESTROY_TIMEOUT", "5") or 5),
-        help="[VMOP_GRACEFUL_DESTROY_TIMEOUT] at the deadline QEMU gets SIGTERM first; seconds before "
-        "it is killed outright",
     )
     return p
 
@@ -142,7 +147,7 @@ def from_args(argv: Sequence[str] | None = None) -> Settings:
         p.error("--node-name (or NODE_NAME) is required: the operator serves exactly one node")
     dirs = args.allowed_storage_dirs
     if dirs is None:
-        from_env = _env("ALLOWED_STORAGE_DIRS")
+        from_env = os.environ.get("VMOP_ALLOWED_STORAGE_DIRS")
         dirs = from_env.split(":") if from_env else [str(d) for d in DEFAULT_ALLOWED_DIRS]
     for value, flag in (
         (args.resync_seconds, "--resync-seconds"),
