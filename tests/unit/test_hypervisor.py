@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 
 from controller import domainxml
 from controller.api import DomainSpec, ShutdownMethod
@@ -17,24 +16,21 @@ from controller.hypervisor import Hypervisor
 from controller.reconcile import DomainState, StopCause
 
 
-async def _until(probe: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(5.0):
-            while not probe():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"{what} (waited 5s)") from None
-
-
 def test_adapter_on_the_test_driver() -> None:
     async def scenario() -> None:
         events: list[str] = []
-        connected: list[bool] = []
-        hypervisor = Hypervisor("test:///default", on_domain_event=events.append, on_connection_change=connected.append)
+        event_seen, connected = asyncio.Event(), asyncio.Event()
+
+        def domain_event(name: str) -> None:
+            events.append(name)
+            event_seen.set()
+
+        hypervisor = Hypervisor(
+            "test:///default", on_domain_event=domain_event, on_connection_change=lambda up: up and connected.set()
+        )
         await hypervisor.open()
         try:
-            await _until(lambda: hypervisor.connected, "the adapter did not connect")
-            assert connected == [True]
+            await asyncio.wait_for(connected.wait(), timeout=5)
             uid = str(uuid.uuid4())
             name = f"ns_{uid[:8]}"
             spec = DomainSpec(memoryMiB=16)
@@ -46,7 +42,8 @@ def test_adapter_on_the_test_driver() -> None:
             assert running is not None
             assert (running.state, running.owner_uid, running.uuid) == (DomainState.RUNNING, uid, uid)
             assert running.spec_hash == domainxml.spec_hash(spec, host)
-            await _until(lambda: name in events, "no lifecycle event reached the asyncio loop")
+            await asyncio.wait_for(event_seen.wait(), timeout=5)
+            assert name in events, "the lifecycle event names the domain"
 
             method, refusals = await hypervisor.request_shutdown(name, (ShutdownMethod.AGENT, ShutdownMethod.ACPI))
             assert method is None
