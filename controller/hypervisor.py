@@ -92,6 +92,9 @@ class Hypervisor:
         self._graceful_destroy_timeout = graceful_destroy_timeout
         self._reconnect_max_backoff = reconnect_max_backoff
         self._conn: Any = None
+        # Forced stops have a connection of their own: a call on a connection where other domains are being
+        # destroyed can wait out libvirt's 200 ms kill poll, and at a deadline every millisecond is overshoot.
+        self._force_conn: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost = asyncio.Event()
         self._reconnector: asyncio.Task[None] | None = None
@@ -112,9 +115,10 @@ class Hypervisor:
         if self._reconnector is not None:
             self._reconnector.cancel()
             await asyncio.gather(self._reconnector, return_exceptions=True)
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._run(conn.close)
+        conns, self._conn, self._force_conn = (self._conn, self._force_conn), None, None
+        for conn in conns:
+            if conn is not None:
+                await self._run(conn.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _keep_connected(self) -> None:
@@ -122,7 +126,7 @@ class Hypervisor:
         while True:
             await self._lost.wait()
             try:
-                conn = await self._run(self._connect)
+                conn, force_conn = await self._run(self._connect)
             except libvirt.libvirtError as error:
                 logger.warning(
                     "libvirt at %s is unreachable: %s; retrying in %.1fs",
@@ -135,24 +139,25 @@ class Hypervisor:
                 backoff = min(backoff * 2, self._reconnect_max_backoff)
                 continue
             backoff = 0.5
-            self._conn = conn
+            self._conn, self._force_conn = conn, force_conn
             self._lost.clear()
             logger.info("connected to libvirt at %s", self.uri, extra={"libvirt_uri": self.uri})
             self._on_connection_change(True)
 
-    def _connect(self) -> Any:
-        """Open the connection and subscribe to it (blocking calls, so they run in the pool)."""
-        conn = libvirt.open(self.uri)
+    def _connect(self) -> tuple[Any, Any]:
+        """Open both connections and subscribe to events (blocking calls, so they run in the pool)."""
+        conn, force_conn = libvirt.open(self.uri), libvirt.open(self.uri)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
         conn.registerCloseCallback(self._closed, None)
-        # Keepalive makes a dead daemon show as a closed connection instead of a hung call. In-process
-        # drivers (test:///default) have no daemon to lose and refuse it, which is fine.
-        try:
-            conn.setKeepAlive(5, 3)
-        except libvirt.libvirtError as error:
-            if error.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-                raise
-        return conn
+        for c in (conn, force_conn):
+            # Keepalive makes a dead daemon show as a closed connection instead of a hung call. In-process
+            # drivers (test:///default) have no daemon to lose and refuse it, which is fine.
+            try:
+                c.setKeepAlive(5, 3)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+        return conn, force_conn
 
     def _lifecycle(self, _conn: Any, domain: Any, event: int, detail: int, _opaque: Any) -> None:
         # On the libvirt-events thread: only hand over to the asyncio loop.
@@ -167,16 +172,16 @@ class Hypervisor:
     def _disconnected(self) -> None:
         if self._conn is None:
             return
-        self._conn = None
+        self._conn = self._force_conn = None
         self._lost.set()
         self._on_connection_change(False)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _call(self, what: str, fn: Callable[[Any], T]) -> T:
+    async def _call(self, what: str, fn: Callable[[Any], T], *, force_lane: bool = False) -> T:
         """Run fn(connection) in the pool, turning libvirt's errors into the adapter's two kinds."""
-        conn = self._conn
+        conn = self._force_conn if force_lane else self._conn
         if conn is None:
             raise HypervisorUnavailable(f"libvirt at {self.uri} is not connected")
         try:
@@ -286,7 +291,9 @@ class Hypervisor:
 
         try:
             await asyncio.wait_for(
-                self._call(f"graceful destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)),
+                self._call(
+                    f"graceful destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL), force_lane=True
+                ),
                 timeout=self._graceful_destroy_timeout,
             )
             return
@@ -297,4 +304,4 @@ class Hypervisor:
                 error or "timeout",
                 extra={"domain": name},
             )
-        await self._call(f"destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT))
+        await self._call(f"destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT), force_lane=True)

@@ -25,11 +25,14 @@ FIELD_MANAGER = "vmop"
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient, *, node_name: str, workers: int = 8) -> None:
+    def __init__(self, api_client: client.ApiClient, *, node_name: str, workers: int = 32) -> None:
         self._objects = client.CustomObjectsApi(api_client)
         self._events = client.CoreV1Api(api_client)
         self._node_name = node_name
+        # Status and finalizer writes have a pool of their own: a VM seen Stopped is reported at once, not
+        # behind other VMs' Events.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
+        self._event_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kube-events")
 
     async def _run(self, fn: Any, /, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(**kwargs))
@@ -114,7 +117,10 @@ class Kube:
             source=client.V1EventSource(component=_COMPONENT, host=self._node_name),
         )
         try:
-            await self._run(self._events.create_namespaced_event, namespace=meta["namespace"], body=event)
+            await asyncio.get_running_loop().run_in_executor(
+                self._event_executor,
+                lambda: self._events.create_namespaced_event(namespace=meta["namespace"], body=event),
+            )
         except client.ApiException as error:
             logger.error(
                 "could not post event %s for %s/%s: %s",

@@ -1,0 +1,131 @@
+"""The machine a run came from, the printed table and the JSON file: figures mean little without the first."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
+    except OSError as error:
+        return f"unavailable: {error}"
+    return out.strip().splitlines()[0] if out.strip() else "unavailable"
+
+
+def machine(libvirt_uri: str, apiserver: Path, domain_type: str) -> dict[str, Any]:
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown")
+    os_release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
+    conn = libvirt.open(libvirt_uri)
+    try:
+        daemon, hypervisor = _version(conn.getLibVersion()), _version(conn.getVersion())
+    finally:
+        conn.close()
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(int(meminfo["MemTotal"].split()[0]) / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": os_release.get("PRETTY_NAME", "unknown").strip('"'),
+        "libvirt": {"library": _version(libvirt.getVersion()), "daemon": daemon, "qemu_via_libvirt": hypervisor},
+        "qemu": _first_line(["qemu-system-x86_64", "--version"]),
+        "guest_domain_type": domain_type,
+        "kube_apiserver": _first_line([str(apiserver), "--version"]),
+        "python": platform.python_version(),
+    }
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return "-" if value is None else str(value)
+
+
+def table(results: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str]] = []
+    for n, d in (results.get("deadline_overshoot") or {}).items():
+        if not isinstance(d, dict) or "p50" not in d:
+            continue
+        rows.append(
+            (
+                f"deadline overshoot, N={n} (s)",
+                f"p50 {_f(d.get('p50'))}  p99 {_f(d.get('p99'))}  max {_f(d.get('max'))}  "
+                f"early {d.get('forced_before_deadline')}",
+                "p99 < 0.25 at N=30",
+            )
+        )
+    g = results.get("graceful_detection") or {}
+    if "p50" in g:
+        rows.append(
+            (
+                f"graceful detection, {g.get('n')} guests (s)",
+                f"p50 {_f(g['p50'])}  p99 {_f(g['p99'])}  max {_f(g['max'])}",
+                "p99 < 0.5",
+            )
+        )
+    p = results.get("parallel") or {}
+    if "vmop_total" in p:
+        label = f"parallel, N={p['n']} ({p.get('coop')} coop), G={p['grace']} s"
+        rows.append((label + ": vmop", f"{_f(p['vmop_total'], 1)} s, left running {p['vmop_left_running']}", "~G"))
+        rows.append(
+            (
+                "  libvirt-guests PARALLEL_SHUTDOWN=0",
+                f"{_f(p['libvirt_guests_serial_total'], 1)} s ({_f(p.get('ratio_serial_to_vmop'), 1)}x), left running "
+                f"{p['libvirt_guests_serial_left_running']}",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"  libvirt-guests PARALLEL_SHUTDOWN={p.get('libvirt_guests_parallel_degree')}",
+                f"{_f(p['libvirt_guests_parallel_total'], 1)} s ({_f(p.get('ratio_parallel_to_vmop'), 1)}x), left running "
+                f"{p['libvirt_guests_parallel_left_running']}",
+                "",
+            )
+        )
+    s = results.get("scale") or {}
+    if "converge" in s:
+        rows.append(
+            (
+                f"scale, {s['vms']} own VMs (test driver)",
+                f"converge {_f(s['converge'], 1)} s, {s['api_requests']} API requests, peak RSS {_f(s['rss_mib'], 0)} MiB",
+                "",
+            )
+        )
+        f = s.get("foreign_990") or {}
+        if "converge" in f:
+            rows.append(
+                (
+                    f"  {f['own']} own + {f['foreign']} foreign",
+                    f"converge {_f(f['converge'], 2)} s, {f['api_requests']} API requests, RSS {_f(f['rss_mib'], 0)} "
+                    f"MiB (own-only {_f(f['rss_baseline_own_only_mib'], 0)}), {f['watch_events_received']} watch "
+                    f"events + {f['objects_listed_at_start']} listed",
+                    "scales with own VMs",
+                )
+            )
+    i = results.get("idle") or {}
+    if "cpu_seconds" in i:
+        rows.append(
+            (
+                f"idle, {i['vms']} VMs for {_f(i['seconds'], 0)} s",
+                f"{_f(i['cpu_seconds'])} CPU s, {i['api_requests']} API requests",
+                "no polling",
+            )
+        )
+    widths = [max(len(r[c]) for r in [("benchmark", "result", "target"), *rows]) for c in range(3)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(("benchmark", "result", "target"), widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
