@@ -27,6 +27,7 @@ import kubernetes
 import libvirt
 from kubernetes import watch
 
+from controller.hypervisor import start_libvirt_event_loop
 from testbed.controlplane import ControlPlane
 from testbed.libvirthost import LibvirtHost
 from testbed.vmop import GROUP, OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, PLURAL, VERSION, OperatorProcess, Vms, install
@@ -46,61 +47,26 @@ rules:
   - level: None
 """
 
-_event_loop_started = False
-_event_loop_lock = threading.Lock()
 
-
-def ensure_libvirt_event_loop() -> None:
-    """libvirt's default event loop, in a daemon thread; it must be registered before the listener's
-    connection is opened, and only once per process."""
-    global _event_loop_started  # noqa: PLW0603  # one loop per process is libvirt's own rule
-    with _event_loop_lock:
-        if _event_loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _event_loop_started = True
-
-
-class AuditedControlPlane(ControlPlane):
-    """The bed's control plane with an audit log of the operator's ServiceAccount.
+class OperatorAudit:
+    """An audit log of the operator's ServiceAccount, kept with the bench's logs.
 
     The audit log is the only place where the apiserver attributes requests to a user; its /metrics
     (apiserver_request_total) has no user label, and the bench's own creates and watches would be mixed in.
     """
 
-    @property
-    def audit_log(self) -> Path:
-        return self.log_dir / "audit.log"
+    def __init__(self, log_dir: Path) -> None:
+        self.path = log_dir / "audit.log"
+        self._policy = log_dir / "audit-policy.yaml"
 
-    def _launch(
-        self,
-        name: str,
-        port_count: int,
-        argv_for: Callable[[list[int]], list[str]],
-        ready: Callable[[list[int]], bool],
-        timeout: float,
-    ) -> list[int]:
-        if name == "kube-apiserver":
-            policy = self.workdir / "audit-policy.yaml"
-            policy.write_text(_AUDIT_POLICY)
-            plain = argv_for
-
-            def audited(ports: list[int]) -> list[str]:
-                return [*plain(ports), f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}"]
-
-            argv_for = audited
-        return super()._launch(name, port_count, argv_for, ready, timeout)
+    def apiserver_args(self) -> list[str]:
+        self._policy.write_text(_AUDIT_POLICY)
+        return [f"--audit-policy-file={self._policy}", f"--audit-log-path={self.path}"]
 
     def _operator_events(self, start: float, end: float) -> Iterator[dict[str, Any]]:
         """The operator's audit events whose request arrived in [start, end] (time.time() values)."""
         try:
-            lines = self.audit_log.read_text().splitlines()
+            lines = self.path.read_text().splitlines()
         except FileNotFoundError:
             return
         for line in lines:
@@ -177,7 +143,7 @@ class LifecycleListener:
     """Lifecycle events of every domain on the bed's daemon, stamped with time.time() on arrival."""
 
     def __init__(self, uri: str) -> None:
-        ensure_libvirt_event_loop()
+        start_libvirt_event_loop()
         self._lock = threading.Lock()
         self._stops: dict[str, list[float]] = {}
         self._conn = libvirt.open(uri)
@@ -364,8 +330,11 @@ class Bed:
     """A control plane (with audit log), a libvirtd, vmop installed, a libvirt listener, and every operator
     the bench starts, so that one `with` cleans up all of them whatever fails."""
 
-    def __init__(self, control_plane: AuditedControlPlane, libvirt_host: LibvirtHost, log_dir: Path) -> None:
+    def __init__(
+        self, control_plane: ControlPlane, audit: OperatorAudit, libvirt_host: LibvirtHost, log_dir: Path
+    ) -> None:
         self.control_plane = control_plane
+        self.audit = audit
         self.libvirt = libvirt_host
         self.log_dir = log_dir
         self.kubeconfig = install(control_plane)
@@ -378,13 +347,13 @@ class Bed:
     @contextlib.contextmanager
     def running(cls, log_dir: Path) -> Iterator[Bed]:
         log_dir.mkdir(parents=True, exist_ok=True)
-        ensure_libvirt_event_loop()
-        control_plane = AuditedControlPlane.start()
-        assert isinstance(control_plane, AuditedControlPlane)
+        start_libvirt_event_loop()
+        audit = OperatorAudit(log_dir)
+        control_plane = ControlPlane.start(apiserver_args=audit.apiserver_args())
         try:
             libvirt_host = LibvirtHost.start()
             try:
-                bed = cls(control_plane, libvirt_host, log_dir)
+                bed = cls(control_plane, audit, libvirt_host, log_dir)
                 try:
                     yield bed
                 finally:

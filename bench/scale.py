@@ -54,7 +54,7 @@ def _converged(vm_watch: VmWatch, namespace: str, names: list[str], since: float
 def wait_quiet(bed: Bed, quiet: float = 3.0, timeout: float = 120.0) -> None:
     """Until the operator has made no API request for `quiet` seconds: trailing Events and status writes
     belong to the work just measured."""
-    log = bed.control_plane.audit_log
+    log = bed.audit.path
     end = time.monotonic() + timeout
     last_size, last_change = -1, time.monotonic()
     while time.monotonic() < end:
@@ -82,7 +82,7 @@ def own_vms_tracked(operator: OperatorProcess) -> int:
 
 
 def _requests(bed: Bed, start: float, end: float) -> tuple[int, dict[str, int]]:
-    counts = bed.control_plane.operator_requests(start, end)
+    counts = bed.audit.operator_requests(start, end)
     return sum(counts.values()), dict(sorted(counts.items()))
 
 
@@ -208,7 +208,7 @@ def scale(bed: Bed, count: int, own_of_foreign_case: int, baseline: dict[str, An
             "cluster_watch_events_meanwhile": cluster.events - events_before,
             "foreign_churn_events": churn_events,
             "foreign_churn_cpu_seconds": round(churn_cpu, 3),
-            "list_watch_uris": bed.control_plane.operator_list_watch_uris(b_started, time.time()),
+            "list_watch_uris": bed.audit.operator_list_watch_uris(b_started, time.time()),
         }
         print(f"  scale, foreign: {result['foreign_990']}", flush=True)
         operator_b.stop()

@@ -174,7 +174,7 @@ def graceful_detection(bed: Bed, count: int) -> dict[str, Any]:
                     continue
                 latencies.append(seen - stopped)
                 # the write that made it Stopped is the operator's last status write before the watch saw it
-                writes = bed.control_plane.status_writes(namespace, name, stopped - 0.05, seen)
+                writes = bed.audit.status_writes(namespace, name, stopped - 0.05, seen)
                 if writes:
                     operator_share.append(writes[-1] - stopped)
                     api_share.append(seen - writes[-1])

@@ -40,8 +40,10 @@ _CONNECTION_ERRORS = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt
 
 
 @functools.cache
-def _start_libvirt_event_loop() -> None:
-    """Once per process, before the first connection: libvirt delivers events only through a running loop."""
+def start_libvirt_event_loop() -> None:
+    """Once per process, before the first connection: libvirt delivers events only through a running loop.
+
+    Public because any process that listens to libvirt needs exactly this (the benchmarks do too)."""
     libvirt.virEventRegisterDefaultImpl()
 
     def run() -> None:
@@ -105,7 +107,7 @@ class Hypervisor:
 
     async def open(self) -> None:
         """Start libvirt's event loop, then connect (and keep reconnecting)."""
-        _start_libvirt_event_loop()
+        start_libvirt_event_loop()
         self._loop = asyncio.get_running_loop()
         self._lost.set()
         self._reconnector = asyncio.create_task(self._keep_connected(), name="libvirt-reconnect")

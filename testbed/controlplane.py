@@ -330,6 +330,7 @@ class ControlPlane:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._kubeconfig_dir.mkdir(exist_ok=True)
         self._pki = _Pki(workdir / "pki")
+        self._apiserver_args: tuple[str, ...] = ()
 
     @classmethod
     def start(
@@ -338,8 +339,11 @@ class ControlPlane:
         *,
         timeout: float = 120,
         failure_logs_dir: Path | None = None,
+        apiserver_args: Sequence[str] = (),
     ) -> ControlPlane:
         """Start etcd then kube-apiserver and return once /readyz says ok.
+
+        apiserver_args are added to kube-apiserver's command line (the benchmarks add an audit log).
 
         workdir becomes owned by the ControlPlane and is deleted by stop(). If starting fails, the
         processes are stopped, the logs are copied to failure_logs_dir (or a fresh temporary directory)
@@ -351,6 +355,7 @@ class ControlPlane:
         else:
             workdir.mkdir(parents=True, exist_ok=True)
         cp = cls(bin_dir, workdir)
+        cp._apiserver_args = tuple(apiserver_args)
         try:
             etcd_url = cp._start_etcd(timeout)
             cp._start_apiserver(etcd_url, timeout)
@@ -484,6 +489,7 @@ class ControlPlane:
                 # As envtest does: no controller creates the "default" ServiceAccount in new namespaces,
                 # so this plugin would reject every Pod.
                 "--disable-admission-plugins=ServiceAccount",
+                *self._apiserver_args,
             ]
 
         def ready(ports: list[int]) -> bool:
