@@ -6,14 +6,13 @@ would: the CRD and RBAC from the same manifests, the operator with only the righ
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -261,12 +260,3 @@ class Vms:
 
     def event_reasons(self, name: str) -> list[str]:
         return [e.reason for e in self.events(name)]
-
-
-@contextlib.contextmanager
-def running_operator(**kwargs: Any) -> Iterator[OperatorProcess]:
-    operator = OperatorProcess(**kwargs).start()
-    try:
-        yield operator
-    finally:
-        operator.stop()
