@@ -266,12 +266,9 @@ class LibvirtHost:
         """
         if self._conn is not None:
             self._remove_domains(self._conn)
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.close()
-            self._conn = None
-        if self._process is not None:
-            self._stop_daemon(self._process)
-            self._process = None
+        was_running = self._process is not None
+        self.stop_daemon()
+        if was_running:
             self._kill_leftover_guests()
         if keep:
             print(
