@@ -53,6 +53,14 @@ def start_libvirt_event_loop() -> None:
     threading.Thread(target=run, name="libvirt-events", daemon=True).start()
 
 
+def _close_quietly(*conns: Any) -> None:
+    """Close connections that may already be dead: there is nothing to do about a failure here."""
+    for conn in conns:
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+
 class HypervisorUnavailable(Exception):
     """libvirt cannot be reached; the VM's state is unknown until it can."""
 
@@ -118,9 +126,7 @@ class Hypervisor:
             self._reconnector.cancel()
             await asyncio.gather(self._reconnector, return_exceptions=True)
         conns, self._conn, self._force_conn = (self._conn, self._force_conn), None, None
-        for conn in conns:
-            if conn is not None:
-                await self._run(conn.close)
+        await self._run(_close_quietly, *conns)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _keep_connected(self) -> None:
@@ -148,17 +154,25 @@ class Hypervisor:
 
     def _connect(self) -> tuple[Any, Any]:
         """Open both connections and subscribe to events (blocking calls, so they run in the pool)."""
-        conn, force_conn = libvirt.open(self.uri), libvirt.open(self.uri)
-        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
-        conn.registerCloseCallback(self._closed, None)
-        for c in (conn, force_conn):
-            # Keepalive makes a dead daemon show as a closed connection instead of a hung call. In-process
-            # drivers (test:///default) have no daemon to lose and refuse it, which is fine.
-            try:
-                c.setKeepAlive(5, 3)
-            except libvirt.libvirtError as error:
-                if error.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-                    raise
+        opened: list[Any] = []
+        try:
+            conn = libvirt.open(self.uri)
+            opened.append(conn)
+            force_conn = libvirt.open(self.uri)
+            opened.append(force_conn)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+            conn.registerCloseCallback(self._closed, None)
+            for c in opened:
+                # Keepalive makes a dead daemon show as a closed connection instead of a hung call.
+                # In-process drivers (test:///default) have no daemon to lose and refuse it, which is fine.
+                try:
+                    c.setKeepAlive(5, 3)
+                except libvirt.libvirtError as error:
+                    if error.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                        raise
+        except libvirt.libvirtError:
+            _close_quietly(*opened)
+            raise
         return conn, force_conn
 
     def _lifecycle(self, _conn: Any, domain: Any, event: int, detail: int, _opaque: Any) -> None:
@@ -174,6 +188,8 @@ class Hypervisor:
     def _disconnected(self) -> None:
         if self._conn is None:
             return
+        # Closed, not only dropped: a connection that still lives would go on delivering events twice.
+        self._executor.submit(_close_quietly, self._conn, self._force_conn)
         self._conn = self._force_conn = None
         self._lost.set()
         self._on_connection_change(False)
