@@ -215,14 +215,17 @@ class Hypervisor:
             try:
                 domain = conn.lookupByName(name)
                 state, cause = _state(domain)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            try:
                 # The persistent definition's mark: a redefinition of a running domain changes only that one,
                 # and the live mark would still carry the old spec hash until the next boot.
                 metadata = domain.metadata(
                     libvirt.VIR_DOMAIN_METADATA_ELEMENT, domainxml.METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_CONFIG
                 )
             except libvirt.libvirtError as error:
-                if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return None
                 # No mark, or a transient domain (no persistent definition): either way not vmop's.
                 if error.get_error_code() not in (
                     libvirt.VIR_ERR_NO_DOMAIN_METADATA,
