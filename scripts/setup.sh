@@ -36,7 +36,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-command -v go >/dev/null || { echo "setup: Go is not on PATH: the control plane is built from Go modules" >&2; exit 1; }
 testbed/controlplane/build.sh >/dev/null
 .venv/bin/python -m testbed.guests >/dev/null
 echo "setup: ready"

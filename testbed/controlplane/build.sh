@@ -10,7 +10,9 @@ out="${VMOP_CACHE:-$HOME/.cache/vmop}/controlplane/$key"
 if [ -x "$out/kube-apiserver" ] && [ -x "$out/etcd" ] && [ -x "$out/kubectl" ]; then
   echo "$out"; exit 0
 fi
-command -v go >/dev/null || { echo "build.sh: Go is not on PATH; the control plane is built from Go modules" >&2; exit 1; }
+# Go's own installer puts it under /usr/local/go; a PATH without that is common in non-login shells.
+command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"
+command -v go >/dev/null || { echo "build.sh: Go is not on PATH (nor in /usr/local/go/bin); the control plane is built from Go modules" >&2; exit 1; }
 tmp="$out.tmp.$$"
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp"
