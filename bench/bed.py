@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,7 +29,17 @@ from kubernetes import watch
 from controller.hypervisor import start_libvirt_event_loop
 from testbed.controlplane import ControlPlane
 from testbed.libvirthost import LibvirtHost
-from testbed.vmop import GROUP, OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, PLURAL, VERSION, OperatorProcess, Vms, install
+from testbed.vmop import (
+    GROUP,
+    OPERATOR_ACCOUNT,
+    OPERATOR_NAMESPACE,
+    PLURAL,
+    VERSION,
+    OperatorProcess,
+    Vms,
+    install,
+    parse_time,
+)
 from testbed.wait import wait_until
 
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
@@ -76,7 +85,7 @@ class OperatorAudit:
                 continue  # the last line may be half written
             if event.get("user", {}).get("username") != OPERATOR_USER:
                 continue
-            when = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+            when = parse_time(event["requestReceivedTimestamp"]).timestamp()
             if start <= when <= end:
                 yield event
 
@@ -94,7 +103,7 @@ class OperatorAudit:
     def status_writes(self, namespace: str, name: str, start: float, end: float) -> list[float]:
         """When the operator's status writes of one VirtualMachine reached the apiserver."""
         return sorted(
-            datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+            parse_time(event["requestReceivedTimestamp"]).timestamp()
             for event in self._operator_events(start, end)
             if event.get("verb") == "patch"
             and (ref := event.get("objectRef") or {}).get("subresource") == "status"

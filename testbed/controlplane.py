@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from kubernetes.client import (
     V1TokenRequestSpec,
 )
 
+from testbed.processes import free_ports, tail, tail_file, terminate
 from testbed.wait import WaitTimeout, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,37 +88,13 @@ def find_binaries() -> Path:
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise ControlPlaneError(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); its stderr ends with:\n{_tail(proc.stderr)}"
+            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); its stderr ends with:\n{tail(proc.stderr)}"
         )
     bin_dir = Path(lines[-1])
     missing = [b for b in ("etcd", "kube-apiserver", "kubectl") if not (bin_dir / b).is_file()]
     if missing:
         raise ControlPlaneError(f"{BUILD_SCRIPT} printed {bin_dir} but it lacks {', '.join(missing)}")
     return bin_dir
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _tail_file(path: Path, lines: int = 40) -> str:
-    try:
-        return _tail(path.read_text(errors="replace"), lines)
-    except FileNotFoundError:
-        return "(no log written)"
-
-
-def _free_ports(count: int) -> list[int]:
-    """Let the kernel pick ports; holding all sockets until the end keeps the picks distinct.
-
-    The ports are free only at this instant: a server may still lose the race, which the caller
-    detects from the log and retries once.
-    """
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _die_with_parent() -> None:
@@ -301,13 +277,7 @@ class _Server:
         return self.proc.poll() is not None
 
     def stop(self, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        terminate(self.proc, timeout=timeout)
         self._log.close()
 
 
@@ -396,7 +366,7 @@ class ControlPlane:
     ) -> list[int]:
         """Start a server on fresh ports, retrying once if it lost the race for a port it was given."""
         for _ in range(2):
-            ports = _free_ports(port_count)
+            ports = free_ports(port_count)
             server = _Server(name, argv_for(ports), self.log_dir / f"{name}.log")
             self._servers.append(server)
             try:
@@ -405,7 +375,7 @@ class ControlPlane:
             except _PortTaken:
                 self._servers.remove(server)
                 server.stop()
-        raise ControlPlaneError(f"{name} lost the race for a free port twice in a row:\n{_tail_file(server.log_path)}")
+        raise ControlPlaneError(f"{name} lost the race for a free port twice in a row:\n{tail_file(server.log_path)}")
 
     def _wait_ready(self, server: _Server, probe: Callable[[], bool], timeout: float) -> None:
         def ready_or_dead() -> bool:
@@ -430,7 +400,7 @@ class ControlPlane:
 
     def _log_tails(self) -> str:
         return "\n".join(
-            f"--- last lines of {name}.log ---\n{_tail_file(self.log_dir / f'{name}.log')}"
+            f"--- last lines of {name}.log ---\n{tail_file(self.log_dir / f'{name}.log')}"
             for name in ("etcd", "kube-apiserver")
         )
 

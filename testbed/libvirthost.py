@@ -27,6 +27,7 @@ from typing import Literal, cast, get_args
 import libvirt
 
 from testbed.guests import STUBBORN_CMDLINE, GuestImages, build_images, cache_root, coop_cmdline
+from testbed.processes import tail_file
 from testbed.wait import wait_until
 
 GuestKind = Literal["coop", "stubborn", "firmware"]
@@ -82,14 +83,6 @@ def missing_prerequisites() -> list[str]:
     except KeyError:
         missing.append(f"user {DAEMON_USER} (created by scripts/setup.sh)")
     return missing
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as error:
-        return f"<{path}: {error}>"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _unix_socket_answers(path: Path) -> bool:
@@ -256,7 +249,7 @@ class LibvirtHost:
         self._conn = libvirt.open(self.uri)
 
     def _daemon_tail(self) -> str:
-        return f"--- {self.daemon_log}\n{_tail(self.daemon_log)}\n--- stdout/stderr\n{_tail(self.log_dir / 'libvirtd.stdout')}"
+        return f"--- {self.daemon_log}\n{tail_file(self.daemon_log, 30)}\n--- stdout/stderr\n{tail_file(self.log_dir / 'libvirtd.stdout', 30)}"
 
     def stop(self, *, keep: bool = False) -> None:
         """Take down every guest, then the daemon, then (unless keep) the work directory.

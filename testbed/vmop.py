@@ -6,9 +6,7 @@ would: the CRD and RBAC from the same manifests, the operator with only the righ
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +20,7 @@ import kubernetes
 from testbed.controlplane import ControlPlane
 from testbed.guests import STUBBORN_CMDLINE, coop_cmdline
 from testbed.libvirthost import LibvirtHost
+from testbed.processes import free_ports, tail_file, terminate
 from testbed.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,13 +33,6 @@ def install(control_plane: ControlPlane) -> Path:
     control_plane.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests"))
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
     return control_plane.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class OperatorProcess:
@@ -60,8 +52,7 @@ class OperatorProcess:
         self.libvirt = libvirt
         self.log_path = log_path
         self.extra_args = extra_args
-        self.metrics_port = free_port()
-        self.health_port = free_port()
+        self.metrics_port, self.health_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
@@ -110,10 +101,7 @@ class OperatorProcess:
             return text
 
     def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return tail_file(self.log_path, lines)
 
     @property
     def pid(self) -> int:
@@ -122,21 +110,12 @@ class OperatorProcess:
 
     def kill(self) -> None:
         """SIGKILL: the operator gets no chance to clean up, as in a node's OOM kill."""
-        self._signal(signal.SIGKILL, timeout=10)
+        if self.process is not None:
+            terminate(self.process, timeout=10, sig=signal.SIGKILL)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._signal(signal.SIGTERM, timeout=timeout)
-
-    def _signal(self, sig: signal.Signals, *, timeout: float) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, sig)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        if self.process is not None:
+            terminate(self.process, timeout=timeout)
 
 
 def vm_manifest(
