@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -34,19 +34,14 @@ from controller.reconcile import (
     decide,
     unreachable,
 )
+from tests.unit.clock import T0, US, s
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-US = timedelta(microseconds=1)
 UID = "5f0c1d3e-0000-4000-8000-000000000001"
 HASH = "hash-1"
 RESYNC = Settings().resync
 
 A = ActionKind
 RUNNING, STOPPED, PAUSED = PowerState.RUNNING, PowerState.STOPPED, PowerState.PAUSED
-
-
-def s(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
 
 
 def make_spec(

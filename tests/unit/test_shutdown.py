@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import pytest
 
@@ -24,14 +24,9 @@ from controller.shutdown import (
     policy_for,
     record_attempt,
 )
+from tests.unit.clock import T0, US, s
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-US = timedelta(microseconds=1)
 REQUEST, FORCE, WAIT = StepKind.REQUEST, StepKind.FORCE, StepKind.WAIT
-
-
-def s(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
 
 
 def policy(**changes: object) -> ShutdownPolicy:
