@@ -20,7 +20,7 @@ _FIRMWARE_ONLY = {"memoryMiB": 16}
 
 
 def connected(operator: OperatorProcess) -> bool:
-    return re.search(r"^vmop_libvirt_connected 1(\.0)?$", operator.metrics(), re.M) is not None
+    return operator.metric("vmop_libvirt_connected") == 1
 
 
 def start_test_driver_operator(bed: Bed, node: str) -> OperatorProcess:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import kubernetes
+from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.controlplane import ControlPlane
 from testbed.guests import STUBBORN_CMDLINE, coop_cmdline
@@ -99,6 +100,14 @@ class OperatorProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             text: str = response.read().decode()
             return text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from a fresh scrape; a missing series fails, since every series is exported from the start."""
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        raise AssertionError(f"{name}{labels} is not exported")
 
     def log_tail(self, lines: int = 60) -> str:
         return tail_file(self.log_path, lines)

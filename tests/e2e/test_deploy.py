@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.controlplane import ControlPlane, KubectlError
 from testbed.vmop import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, ROOT, OperatorProcess, condition, parse_time
@@ -207,20 +206,11 @@ def test_reapplying_the_same_manifest_after_the_operator_acted_is_a_no_op(
 # ---- metrics
 
 
-def metric(operator: OperatorProcess, name: str, **labels: str) -> float:
-    """One sample from a fresh scrape; a missing series fails, since every series is exported from the start."""
-    for family in text_string_to_metric_families(operator.metrics()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    raise AssertionError(f"{name}{labels} is not exported")
-
-
 def wait_metric(operator: OperatorProcess, name: str, value: float, **labels: str) -> None:
     wait_until(
-        lambda: metric(operator, name, **labels) == value,
+        lambda: operator.metric(name, **labels) == value,
         timeout=10,
-        message=lambda: f"{name}{labels} is {metric(operator, name, **labels)}, expected {value}",
+        message=lambda: f"{name}{labels} is {operator.metric(name, **labels)}, expected {value}",
     )
 
 
@@ -230,24 +220,24 @@ def test_metrics_count_a_graceful_stop(vmop: Vmop) -> None:
     vmop.wait_running("coop")
 
     wait_metric(operator, "vmop_virtual_machines", 1, power_state="Running")
-    assert metric(operator, "vmop_virtual_machines", power_state="Stopped") == 0
-    assert metric(operator, "vmop_libvirt_connected") == 1
-    assert metric(operator, "vmop_shutdowns_total", outcome="Graceful") == 0
-    assert metric(operator, "vmop_shutdown_duration_seconds_count", outcome="Graceful") == 0
+    assert operator.metric("vmop_virtual_machines", power_state="Stopped") == 0
+    assert operator.metric("vmop_libvirt_connected") == 1
+    assert operator.metric("vmop_shutdowns_total", outcome="Graceful") == 0
+    assert operator.metric("vmop_shutdown_duration_seconds_count", outcome="Graceful") == 0
 
     vmop.vms.patch_spec("coop", powerState="Stopped")
     record = vmop.vms.wait("coop", stopped, timeout=60, what="the graceful stop")["status"]["shutdown"]
     assert record["outcome"] == "Graceful"
 
     wait_metric(operator, "vmop_shutdowns_total", 1, outcome="Graceful")
-    assert metric(operator, "vmop_shutdown_duration_seconds_count", outcome="Graceful") == 1
+    assert operator.metric("vmop_shutdown_duration_seconds_count", outcome="Graceful") == 1
     took = (parse_time(record["completedAt"]) - parse_time(record["requestedAt"])).total_seconds()
-    assert metric(operator, "vmop_shutdown_duration_seconds_sum", outcome="Graceful") == pytest.approx(took, abs=1e-3)
-    assert metric(operator, "vmop_virtual_machines", power_state="Running") == 0
-    assert metric(operator, "vmop_virtual_machines", power_state="Stopped") == 1
-    assert metric(operator, "vmop_shutdowns_total", outcome="Forced") == 0
-    assert metric(operator, "vmop_forced_stop_after_deadline_seconds_count") == 0
-    assert metric(operator, "vmop_libvirt_connected") == 1
+    assert operator.metric("vmop_shutdown_duration_seconds_sum", outcome="Graceful") == pytest.approx(took, abs=1e-3)
+    assert operator.metric("vmop_virtual_machines", power_state="Running") == 0
+    assert operator.metric("vmop_virtual_machines", power_state="Stopped") == 1
+    assert operator.metric("vmop_shutdowns_total", outcome="Forced") == 0
+    assert operator.metric("vmop_forced_stop_after_deadline_seconds_count") == 0
+    assert operator.metric("vmop_libvirt_connected") == 1
 
 
 def test_metrics_measure_how_far_past_its_deadline_a_forced_stop_landed(vmop: Vmop) -> None:
@@ -255,7 +245,7 @@ def test_metrics_measure_how_far_past_its_deadline_a_forced_stop_landed(vmop: Vm
     vmop.create("stub", kind="stubborn", shutdown_policy={"gracePeriodSeconds": 2, "retryIntervalSeconds": 1})
     vmop.wait_running("stub")
     wait_metric(operator, "vmop_virtual_machines", 1, power_state="Running")
-    assert metric(operator, "vmop_forced_stop_after_deadline_seconds_count") == 0
+    assert operator.metric("vmop_forced_stop_after_deadline_seconds_count") == 0
 
     vmop.vms.patch_spec("stub", powerState="Stopped")
     record = vmop.vms.wait("stub", stopped, timeout=60, what="the forced stop")["status"]["shutdown"]
@@ -263,8 +253,8 @@ def test_metrics_measure_how_far_past_its_deadline_a_forced_stop_landed(vmop: Vm
 
     wait_metric(operator, "vmop_forced_stop_after_deadline_seconds_count", 1)
     late = (parse_time(record["completedAt"]) - parse_time(record["deadline"])).total_seconds()
-    assert metric(operator, "vmop_forced_stop_after_deadline_seconds_sum") == pytest.approx(late, abs=1e-3)
-    assert metric(operator, "vmop_shutdowns_total", outcome="Forced") == 1
-    assert metric(operator, "vmop_shutdowns_total", outcome="Graceful") == 0
-    assert metric(operator, "vmop_shutdown_duration_seconds_count", outcome="Forced") == 1
-    assert metric(operator, "vmop_virtual_machines", power_state="Stopped") == 1
+    assert operator.metric("vmop_forced_stop_after_deadline_seconds_sum") == pytest.approx(late, abs=1e-3)
+    assert operator.metric("vmop_shutdowns_total", outcome="Forced") == 1
+    assert operator.metric("vmop_shutdowns_total", outcome="Graceful") == 0
+    assert operator.metric("vmop_shutdown_duration_seconds_count", outcome="Forced") == 1
+    assert operator.metric("vmop_virtual_machines", power_state="Stopped") == 1

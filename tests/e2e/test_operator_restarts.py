@@ -69,8 +69,8 @@ def test_operator_restart_leaves_running_guests_running(vmop: Vmop) -> None:
     # Nothing changed, so nothing is written; the gauges still count what the restarted operator sees.
     wait_until(
         lambda: (
-            'vmop_virtual_machines{power_state="Running"} 1.0' in vmop.operator.metrics()
-            and 'vmop_virtual_machines{power_state="Paused"} 1.0' in vmop.operator.metrics()
+            vmop.operator.metric("vmop_virtual_machines", power_state="Running") == 1
+            and vmop.operator.metric("vmop_virtual_machines", power_state="Paused") == 1
         ),
         timeout=30,
         message=lambda: f"power-state gauges after the restart:\n{vmop.operator.metrics()}",
