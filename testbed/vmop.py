@@ -248,3 +248,20 @@ class Vms:
 
     def event_reasons(self, name: str) -> list[str]:
         return [e.reason for e in self.events(name)]
+
+    def wait_events(self, name: str, *reasons: str, timeout: float = 15.0) -> list[str]:
+        """The VM's Event reasons once every one of `reasons` has been posted.
+
+        The operator writes status before it posts a step's Events (a deadline is persisted first), so a
+        test that has just seen a status must wait for the Events that go with it.
+        """
+
+        def all_posted() -> list[str] | None:
+            seen = self.event_reasons(name)
+            return seen if all(reason in seen for reason in reasons) else None
+
+        return wait_until(
+            all_posted,
+            timeout=timeout,
+            message=lambda: f"Events {reasons} of {self.namespace}/{name}; posted so far: {self.event_reasons(name)}",
+        )

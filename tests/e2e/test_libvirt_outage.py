@@ -60,7 +60,7 @@ def test_libvirt_outage_is_reported_and_the_deadline_is_kept(
         )
         assert body["status"]["powerState"] == "Unknown"
         assert condition(body, "Ready")["status"] == "Unknown"
-        assert "HypervisorUnreachable" in vmop.vms.event_reasons("patient")
+        vmop.vms.wait_events("patient", "HypervisorUnreachable")
         assert operator.process is not None
         assert operator.process.poll() is None, "the operator keeps running"
 

@@ -29,7 +29,7 @@ def test_a_foreign_domain_with_the_same_name_is_left_alone(vmop: Vmop) -> None:
         what="a DomainConflict condition",
     )
     assert condition(body, "Ready")["status"] == "False"
-    assert "DomainConflict" in vmop.vms.event_reasons(name)
+    vmop.vms.wait_events(name, "DomainConflict")
     holds_until(
         lambda: foreign.isActive() and foreign.ID() == foreign_id,
         seconds=2,
@@ -118,7 +118,7 @@ def test_storage_paths_outside_the_allowed_directories_are_refused(vmop: Vmop, t
             what="StorageNotAllowed",
         )
         assert "outside the allowed storage directories" in condition(body, "Synced")["message"]
-        assert "StorageNotAllowed" in vmop.vms.event_reasons("sneaky")
+        vmop.vms.wait_events("sneaky", "StorageNotAllowed")
         names = [d.name() for d in vmop.libvirt.connect().listAllDomains()]
         assert vmop.domain_name("sneaky") not in names, "nothing is defined for a refused path"
     finally:

@@ -43,7 +43,8 @@ def test_cooperative_guest_stops_gracefully_before_its_deadline(vmop: Vmop) -> N
     assert condition(body, "Ready")["status"] == "True"
     state, reason = vmop.domain("coop").state()
     assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
-    assert in_order(vmop.vms.event_reasons("coop"), "StopRequested", "ShutdownRequested", "StoppedGracefully")
+    expected = ("StopRequested", "ShutdownRequested", "StoppedGracefully")
+    assert in_order(vmop.vms.wait_events("coop", *expected), *expected)
 
 
 def test_stubborn_guest_is_forced_off_after_and_not_before_its_deadline(vmop: Vmop) -> None:
@@ -74,8 +75,8 @@ def test_stubborn_guest_is_forced_off_after_and_not_before_its_deadline(vmop: Vm
     assert parse_time(record["deadline"]) == deadline, "the deadline never moves"
     state, reason = vmop.domain("stub").state()
     assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
-    reasons = vmop.vms.event_reasons("stub")
-    assert in_order(reasons, "StopRequested", "ShutdownRequested", "ShutdownRequestResent", "ForcedOff")
+    expected = ("StopRequested", "ShutdownRequested", "ShutdownRequestResent", "ForcedOff")
+    assert in_order(vmop.vms.wait_events("stub", *expected), *expected)
 
 
 def test_guest_that_ignores_two_presses_stops_on_a_later_retry(vmop: Vmop) -> None:
@@ -97,7 +98,8 @@ def test_guest_that_ignores_two_presses_stops_on_a_later_retry(vmop: Vmop) -> No
     console = vmop.libvirt.console_log(vmop.domain_name("deaf"))
     assert console.count("GUEST-POWERBUTTON-IGNORED") == 2
     assert "GUEST-POWERBUTTON accepted" in console
-    assert in_order(vmop.vms.event_reasons("deaf"), "ShutdownRequested", "ShutdownRequestResent", "StoppedGracefully")
+    expected = ("ShutdownRequested", "ShutdownRequestResent", "StoppedGracefully")
+    assert in_order(vmop.vms.wait_events("deaf", *expected), *expected)
 
 
 def test_mode_force_turns_the_vm_off_at_once(vmop: Vmop) -> None:
@@ -113,7 +115,7 @@ def test_mode_force_turns_the_vm_off_at_once(vmop: Vmop) -> None:
     assert record["attempts"] == 0, "Force never asks the guest"
     assert record["deadline"] == record["requestedAt"]
     assert (parse_time(record["completedAt"]) - parse_time(record["requestedAt"])).total_seconds() < 5
-    assert "ForcingOff" in vmop.vms.event_reasons("scratch")
+    vmop.vms.wait_events("scratch", "ForcingOff")
 
 
 def test_never_forcing_reports_overdue_until_mode_force(vmop: Vmop) -> None:
@@ -142,7 +144,7 @@ def test_never_forcing_reports_overdue_until_mode_force(vmop: Vmop) -> None:
     body = vmop.vms.get("precious")
     assert body is not None
     assert body["status"]["shutdown"]["attempts"] > attempts_when_overdue, "requests go on after the deadline"
-    assert vmop.vms.event_reasons("precious").count("ShutdownOverdue") == 1
+    assert vmop.vms.wait_events("precious", "ShutdownOverdue").count("ShutdownOverdue") == 1
 
     vmop.vms.patch("precious", {"spec": {"shutdownPolicy": {"mode": "Force"}}})
     body = vmop.vms.wait("precious", stopped, timeout=30, what="the stop after switching to Force")
@@ -193,4 +195,4 @@ def test_switching_back_to_running_cancels_the_stop_and_forces_nothing(vmop: Vmo
     assert body is not None
     assert body["status"]["powerState"] == "Running"
     assert condition(body, "Ready")["status"] == "True"
-    assert "StopCancelled" in vmop.vms.event_reasons("fickle")
+    vmop.vms.wait_events("fickle", "StopCancelled")
