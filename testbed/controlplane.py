@@ -56,6 +56,7 @@ SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "vmop-admin"
+_APISERVER = "kube-apiserver"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -100,11 +101,30 @@ def find_binaries() -> Path:
 def _die_with_parent() -> None:
     """Runs in the child before exec: a crashed or SIGKILLed test run must not leave servers on a shared box.
 
-    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so start() must be called from a thread
-    that outlives the bed (the main thread in pytest and in `python -m testbed.controlplane`).
+    SIGKILL rather than SIGTERM because a frozen (SIGSTOPped) apiserver would hold a SIGTERM pending for ever;
+    nothing of a bed whose owner is gone needs a graceful end.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so start() and start_apiserver() must be
+    called from a thread that outlives the bed (the main thread in pytest and in `python -m testbed.controlplane`).
     """
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """SIGSTOP reaches a multi-threaded Go program's threads one by one; only then is it really silent."""
+    states = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process is gone, so it will never be stopped
+        return False
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # a thread that just ended
+            continue
+        states.append(stat.rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state in ("T", "t") for state in states)
 
 
 class _Pki:
@@ -259,6 +279,7 @@ class _Server:
 
     def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
         self.name = name
+        self.argv = argv
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("ab")
         self._log.write(f"\n=== {datetime.datetime.now().isoformat()} {' '.join(argv)}\n".encode())
@@ -295,7 +316,9 @@ class ControlPlane:
         self.server = ""
         self.admin_kubeconfig = workdir / "admin.kubeconfig"
         self._kubeconfig_dir = workdir / "kubeconfigs"
-        self._servers: list[_Server] = []
+        # Keyed by name, in start order; a restarted server replaces its predecessor in place.
+        self._servers: dict[str, _Server] = {}
+        self._frozen = False
         self._stopped = False
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._kubeconfig_dir.mkdir(exist_ok=True)
@@ -367,15 +390,28 @@ class ControlPlane:
         """Start a server on fresh ports, retrying once if it lost the race for a port it was given."""
         for _ in range(2):
             ports = free_ports(port_count)
-            server = _Server(name, argv_for(ports), self.log_dir / f"{name}.log")
-            self._servers.append(server)
             try:
-                self._wait_ready(server, functools.partial(ready, ports), timeout)
+                self._run(name, argv_for(ports), functools.partial(ready, ports), timeout)
                 return ports
             except _PortTaken:
-                self._servers.remove(server)
-                server.stop()
-        raise ControlPlaneError(f"{name} lost the race for a free port twice in a row:\n{tail_file(server.log_path)}")
+                pass
+        raise ControlPlaneError(
+            f"{name} lost the race for a free port twice in a row:\n{tail_file(self.log_dir / f'{name}.log')}"
+        )
+
+    def _run(self, name: str, argv: list[str], probe: Callable[[], bool], timeout: float) -> None:
+        """Start one server with a fixed command line and wait until probe says it is ready.
+
+        Separate from the choice of ports so that a restart can reuse the exact command line, ports included;
+        raises _PortTaken, with the server stopped, if another process holds one of its ports.
+        """
+        server = _Server(name, argv, self.log_dir / f"{name}.log")
+        self._servers[name] = server
+        try:
+            self._wait_ready(server, probe, timeout)
+        except _PortTaken:
+            server.stop()
+            raise
 
     def _wait_ready(self, server: _Server, probe: Callable[[], bool], timeout: float) -> None:
         def ready_or_dead() -> bool:
@@ -401,7 +437,7 @@ class ControlPlane:
     def _log_tails(self) -> str:
         return "\n".join(
             f"--- last lines of {name}.log ---\n{tail_file(self.log_dir / f'{name}.log')}"
-            for name in ("etcd", "kube-apiserver")
+            for name in ("etcd", _APISERVER)
         )
 
     def _start_etcd(self, timeout: float) -> str:
@@ -435,8 +471,6 @@ class ControlPlane:
 
     def _start_apiserver(self, etcd_url: str, timeout: float) -> None:
         pki = self._pki
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.load_cert_chain(str(pki.admin_cert_file), str(pki.admin_key_file))
 
         def argv(ports: list[int]) -> list[str]:
             return [
@@ -462,15 +496,93 @@ class ControlPlane:
                 *self._apiserver_args,
             ]
 
-        def ready(ports: list[int]) -> bool:
-            try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{ports[0]}/readyz", timeout=2, context=ctx) as resp:
-                    return bool(resp.status == 200)
-            except OSError:
-                return False
-
-        ports = self._launch("kube-apiserver", 1, argv, ready, timeout)
+        ports = self._launch(
+            _APISERVER, 1, argv, lambda ports: self._apiserver_ready(f"https://127.0.0.1:{ports[0]}"), timeout
+        )
         self.server = f"https://127.0.0.1:{ports[0]}"
+
+    def _apiserver_ready(self, server: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"{server}/readyz", timeout=2, context=self._admin_tls) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    @functools.cached_property
+    def _admin_tls(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self._pki.ca_file))
+        ctx.load_cert_chain(str(self._pki.admin_cert_file), str(self._pki.admin_key_file))
+        return ctx
+
+    # ---- faults for tests: the apiserver gone, back, or silent
+
+    def _apiserver(self) -> _Server:
+        if self._stopped or _APISERVER not in self._servers:
+            raise ControlPlaneError("the control plane is not running")
+        return self._servers[_APISERVER]
+
+    @property
+    def apiserver_running(self) -> bool:
+        return not self._apiserver().exited()
+
+    def stop_apiserver(self, timeout: float = 20) -> None:
+        """Stop kube-apiserver alone (SIGTERM by PID, SIGKILL after timeout); etcd and its data stay.
+
+        Clients then get "connection refused" on the unchanged URL until start_apiserver(). A frozen
+        apiserver is thawed first, since a stopped process holds SIGTERM until it is continued.
+        """
+        server = self._apiserver()
+        self.thaw_apiserver()
+        server.stop(timeout=timeout)
+
+    def start_apiserver(self, timeout: float = 60) -> None:
+        """Start kube-apiserver again with the same command line, so on the same address and port, and return
+        once /readyz is ok: every kubeconfig and client made before the stop works again, with all objects
+        still there (they live in etcd).
+
+        Must be called from a thread that outlives the bed, like start() (see _die_with_parent). Fails if
+        another process took the port meanwhile, as the point of a restart is that clients need no change.
+        """
+        previous = self._apiserver()
+        if not previous.exited():
+            raise ControlPlaneError(f"kube-apiserver (pid {previous.proc.pid}) is running; stop_apiserver() first")
+        try:
+            self._run(_APISERVER, previous.argv, functools.partial(self._apiserver_ready, self.server), timeout)
+        except _PortTaken:
+            raise ControlPlaneError(
+                f"another process took the port of {self.server} while kube-apiserver was stopped"
+            ) from None
+
+    def freeze_apiserver(self, timeout: float = 10) -> None:
+        """SIGSTOP kube-apiserver: a black-holed API server. TCP connections are still accepted (by the kernel,
+        up to the listen backlog) but nothing answers, so only clients with timeouts notice. Returns once every
+        thread of the process is stopped. thaw_apiserver() undoes it; stop() and stop_apiserver() thaw first.
+        """
+        server = self._apiserver()
+        if server.exited():
+            raise ControlPlaneError("kube-apiserver is stopped; a stopped server cannot be frozen")
+        server.proc.send_signal(signal.SIGSTOP)
+        self._frozen = True
+        pid = server.proc.pid
+        try:
+            wait_until(
+                lambda: _all_threads_stopped(pid),
+                timeout=timeout,
+                message=f"kube-apiserver (pid {pid}) did not stop on SIGSTOP",
+            )
+        except WaitTimeout as exc:
+            raise ControlPlaneError(str(exc)) from None
+
+    def thaw_apiserver(self) -> None:
+        """SIGCONT a frozen kube-apiserver; it then answers the requests that queued up meanwhile.
+
+        A no-op when it is not frozen, so that clean-up code may call it unconditionally.
+        """
+        if not self._frozen:
+            return
+        self._frozen = False
+        server = self._servers[_APISERVER]
+        server.proc.send_signal(signal.SIGCONT)
 
     def kubectl(
         self,
@@ -545,8 +657,9 @@ class ControlPlane:
         """
         if self._stopped:
             return None
+        self.thaw_apiserver()
         self._stopped = True
-        for server in reversed(self._servers):
+        for server in reversed(self._servers.values()):
             server.stop()
         kept: Path | None = None
         if keep_logs:

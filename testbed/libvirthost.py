@@ -14,7 +14,6 @@ import pwd
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import libvirt
 
 from testbed.guests import STUBBORN_CMDLINE, GuestImages, build_images, cache_root, coop_cmdline
 from testbed.processes import tail_file
+from testbed.reaper import Reaper, ReaperError
 from testbed.wait import wait_until
 
 GuestKind = Literal["coop", "stubborn", "firmware"]
@@ -44,6 +44,7 @@ _TB_CACHE_MIB: dict[GuestKind, int] = {"coop": 16, "stubborn": 8, "firmware": 4}
 """TCG's translation cache defaults to a size that makes each guest ~40 MB bigger; these suffice."""
 
 _KVM_PROBE_TIMEOUT = 20.0
+_DAEMON_STOP_TIMEOUT = 15.0
 
 # The QEMU monitor socket, $XDG_CONFIG_HOME/libvirt/qemu/lib/domain-<id>-<20 chars>/monitor.sock, is the
 # longest socket path the daemon creates; AF_UNIX paths end at 107 bytes.
@@ -53,7 +54,6 @@ _PREREQUISITES = {
     "libvirtd": "libvirt-daemon",
     "qemu-system-x86_64": "qemu-system-x86",
     "setpriv": "util-linux",
-    "tini": "tini",
     "cpio": "cpio",
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
@@ -124,7 +124,8 @@ class LibvirtHost:
         )
         self._source_images = images
         self.domain_type: DomainType = "qemu"
-        self._process: subprocess.Popen[bytes] | None = None
+        self._reaper: Reaper | None = None
+        self._daemon_pid: int | None = None
         self._conn: libvirt.virConnect | None = None
 
     # ---- lifecycle
@@ -196,72 +197,109 @@ class LibvirtHost:
                 target.chmod(0o644)
 
     def _launch(self) -> None:
-        """Run libvirtd under `tini -s` as the daemon user.
+        """Have the bed's reaper run libvirtd as the daemon user, starting the reaper on the first call.
 
-        tini is a child subreaper: QEMU is double-forked by libvirtd, and PID 1 on these machines reaps
-        orphans about 2 s late, which libvirt waits for on every destroy and guest poweroff.
+        The reaper is a child subreaper that outlives every libvirtd it runs (see testbed/reaper.py): QEMU is
+        double-forked by libvirtd, and PID 1 on these machines reaps orphans about 2 s late, which libvirt
+        waits for on every destroy and guest poweroff, also for guests started by an earlier daemon.
         """
-        env = {
-            "HOME": str(self.workdir / "home"),
-            "XDG_RUNTIME_DIR": str(self.runtime_dir),
-            "XDG_CONFIG_HOME": str(self._config_home),
-            "XDG_CACHE_HOME": str(self.workdir / "cache"),
-            "XDG_DATA_HOME": str(self.workdir / "data"),
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "LC_ALL": "C",
-        }
-        argv = [
-            "setpriv",
-            f"--reuid={DAEMON_USER}",
-            f"--regid={DAEMON_USER}",
-            "--clear-groups",
-            "tini",
-            "-s",
-            "--",
-            "libvirtd",
-            "--config",
-            str(self._config_home / "libvirt" / "libvirtd.conf"),
-            "--pid-file",
-            str(self.runtime_dir / "libvirtd.pid"),
-        ]
-        with (self.log_dir / "libvirtd.stdout").open("wb") as out:
-            # a session of its own, so that the process group holds exactly what this bed started
-            self._process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd="/",
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        process = self._process
+        if self._reaper is None:
+            env = {
+                "HOME": str(self.workdir / "home"),
+                "XDG_RUNTIME_DIR": str(self.runtime_dir),
+                "XDG_CONFIG_HOME": str(self._config_home),
+                "XDG_CACHE_HOME": str(self.workdir / "cache"),
+                "XDG_DATA_HOME": str(self.workdir / "data"),
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "LC_ALL": "C",
+            }
+            argv = [
+                "setpriv",
+                f"--reuid={DAEMON_USER}",
+                f"--regid={DAEMON_USER}",
+                "--clear-groups",
+                "libvirtd",
+                "--config",
+                str(self._config_home / "libvirt" / "libvirtd.conf"),
+                "--pid-file",
+                str(self.runtime_dir / "libvirtd.pid"),
+            ]
+            self._reaper = Reaper(argv, env=env, log_path=self.log_dir / "libvirtd.stdout")
+        reaper = self._reaper
+        try:
+            self._daemon_pid = reaper.start_daemon()
+        except ReaperError as error:
+            raise LibvirtHostError(f"libvirtd could not be started: {error}") from None
         socket_path = self.runtime_dir / "libvirt" / "libvirt-sock"
 
         def answered() -> bool:
-            if process.poll() is not None:
-                raise LibvirtHostError(f"libvirtd exited with {process.returncode}:\n{self._daemon_tail()}")
+            returncode = reaper.daemon_returncode()
+            if returncode is not None:
+                self._daemon_pid = None
+                raise LibvirtHostError(f"libvirtd exited with {returncode}:\n{self._daemon_tail()}")
+            # The previous daemon's socket file stays behind; only a connect tells whether this one listens.
             return _unix_socket_answers(socket_path)
 
         wait_until(
             answered, timeout=30.0, message=lambda: f"libvirtd did not answer on {socket_path}:\n{self._daemon_tail()}"
         )
         self._conn = libvirt.open(self.uri)
+        self._wait_guests_taken_over(self._conn)
+
+    def _wait_guests_taken_over(self, conn: libvirt.virConnect) -> None:
+        """Return once the daemon has reconnected to every guest it found running.
+
+        It answers clients while its reconnect threads still hold each guest's job (a few tens of ms); a
+        destroy in that window kills the guest yet fails with "domain is not running", and the guest is
+        recorded as shut off by the daemon. A bed that returned then would make every test after a restart
+        race libvirt instead of testing its own subject. Control state OK means no job holds the guest.
+        """
+        states: dict[str, tuple[int, int]] = {}
+
+        def taken_over() -> bool:
+            states.clear()
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    state, details, _ = dom.controlInfo()
+                    states[dom.name()] = (state, details)
+                except libvirt.libvirtError:
+                    continue  # stopped meanwhile: nothing left to take over
+            return all(state == libvirt.VIR_DOMAIN_CONTROL_OK for state, _ in states.values())
+
+        wait_until(
+            taken_over,
+            timeout=30.0,
+            interval=0.01,
+            message=lambda: f"libvirtd did not take over its running guests (control state, details): {states}",
+        )
 
     def _daemon_tail(self) -> str:
         return f"--- {self.daemon_log}\n{tail_file(self.daemon_log, 30)}\n--- stdout/stderr\n{tail_file(self.log_dir / 'libvirtd.stdout', 30)}"
 
     def stop(self, *, keep: bool = False) -> None:
-        """Take down every guest, then the daemon, then (unless keep) the work directory.
+        """Take down every guest, then the daemon, then the reaper, then (unless keep) the work directory.
 
-        Guests go first and through the API: a session daemon's QEMU processes are not its children
-        and would keep running, with 100+ MB each, after the daemon is gone.
+        Guests go first and through the API: a session daemon's QEMU processes are not its children and
+        would keep running, with 100+ MB each, after the daemon is gone. The reaper then kills whatever
+        is left (guests the API could not destroy, or all of them if the daemon was down), by PID.
         """
         if self._conn is not None:
             self._remove_domains(self._conn)
-        was_running = self._process is not None
-        self.stop_daemon()
-        if was_running:
+        try:
+            self.stop_daemon()
+        except ReaperError as error:
+            # the reaper's quit below tries again, and kills what is left either way
+            print(f"libvirt test bed: {error}", file=sys.stderr)
+        if self._reaper is not None:
+            reaper, self._reaper = self._reaper, None
+            try:
+                killed = reaper.close()
+            except ReaperError as error:
+                print(f"libvirt test bed: {error}", file=sys.stderr)
+            else:
+                if killed:
+                    print(f"libvirt test bed: killed processes left behind {killed}", file=sys.stderr)
+            # only finds something if the reaper failed, whose orphans went to PID 1
             self._kill_leftover_guests()
         if keep:
             print(
@@ -272,19 +310,38 @@ class LibvirtHost:
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    @property
+    def daemon_pid(self) -> int | None:
+        """The running libvirtd's PID (None while stopped): lets a test tell a restarted daemon from the old one."""
+        return self._daemon_pid
+
     def stop_daemon(self) -> None:
         """Stop libvirtd alone and leave its guests running: what a libvirtd crash or upgrade looks like to
-        its clients. `start_daemon` brings it back, and it finds its running guests again."""
+        its clients. `start_daemon` brings it back, and it finds its running guests again.
+
+        SIGTERM, then SIGKILL to libvirtd's process group if it hangs; that group holds only libvirtd and its
+        helpers, since QEMU sets up a session of its own. Connections from `connect()` break; the guests
+        stay children of the bed's reaper."""
         if self._conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
             self._conn = None
-        if self._process is not None:
-            self._stop_daemon(self._process)
-            self._process = None
+        if self._reaper is not None and self._daemon_pid is not None:
+            self._daemon_pid = None
+            self._reaper.stop_daemon(_DAEMON_STOP_TIMEOUT)
 
     def start_daemon(self) -> None:
+        """Start libvirtd again after `stop_daemon`, under the same reaper; returns once it accepts clients
+        and has taken over the guests left running."""
+        if self._daemon_pid is not None:
+            raise LibvirtHostError(f"libvirtd (pid {self._daemon_pid}) is already running")
         self._launch()
+
+    def restart_daemon(self) -> None:
+        """Stop libvirtd and start a new one with the guests left running: the new daemon must take over
+        guests it did not start, as after a libvirtd upgrade. Clients must reconnect (`connect()`)."""
+        self.stop_daemon()
+        self.start_daemon()
 
     def _remove_domains(self, conn: libvirt.virConnect) -> None:
         # failures are reported, not raised: the daemon goes next anyway, and leftover QEMU processes
@@ -300,20 +357,9 @@ class LibvirtHost:
             except libvirt.libvirtError as error:
                 print(f"libvirt test bed: could not remove guest {name}: {error}", file=sys.stderr)
 
-    def _stop_daemon(self, process: subprocess.Popen[bytes]) -> None:
-        """SIGTERM to tini, which forwards it to libvirtd. If that hangs, SIGKILL tini's process group,
-        which holds only what this bed started: libvirtd and its helpers (QEMU sets up a session of its own)."""
-        process.terminate()
-        try:
-            process.wait(timeout=15.0)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15.0)
-
     def _kill_leftover_guests(self) -> None:
-        """The backstop for a guest the API could not destroy (a hung daemon): its QEMU would outlive
-        everything else. Only PIDs from this bed's own pidfiles, and only if that PID is still a QEMU
+        """The backstop for a reaper that failed: a QEMU it could not kill went to PID 1 with it and would
+        outlive everything else. Only PIDs from this bed's own pidfiles, and only if that PID is still a QEMU
         whose command line names this work directory."""
         leftovers: list[int] = []
         for pidfile in (self.runtime_dir / "libvirt" / "qemu" / "run").glob("*.pid"):

@@ -2,12 +2,17 @@
 
 Each test checks one apiserver behaviour the operator depends on (CRDs, watches, finalizers, RBAC as a
 ServiceAccount, server-side dry-run), so that when an e2e test fails later, a green run here rules out the
-bed itself.
+bed itself. The last ones check the bed's fault knobs (apiserver stopped, restarted, frozen), so that an
+e2e test of an outage fails for the operator's sake, never because the knob did nothing.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import socket
+import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiException
 from kubernetes.watch import Watch
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
 from testbed.controlplane import ControlPlane, KubectlError
 from testbed.wait import wait_until
@@ -216,3 +222,102 @@ def test_server_side_dry_run_validates_without_persisting(
             GROUP, VERSION, namespace, PLURAL, widget("ghost", size=0), dry_run="All"
         )
     assert caught.value.status == 422
+
+
+# ---- the fault knobs: the apiserver gone, back, or silent
+
+
+@pytest.fixture(scope="module")
+def own_control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
+    """These tests stop and freeze the apiserver, so they own a control plane: a fault left behind by a failing
+    test must not fail every later test of the session."""
+    cp = ControlPlane.start()
+    try:
+        yield cp
+    finally:
+        cp.stop(keep_logs=request.session.testsfailed > 0)
+
+
+def _apiserver_address(cp: ControlPlane) -> tuple[str, int]:
+    url = urllib.parse.urlsplit(cp.server)
+    assert url.hostname is not None
+    assert url.port is not None
+    return url.hostname, url.port
+
+
+def _connect_refused(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def test_stopped_apiserver_refuses_connections_and_comes_back_on_the_same_url_with_its_objects(
+    own_control_plane: ControlPlane,
+) -> None:
+    cp = own_control_plane
+    namespace = f"restart-{secrets.token_hex(3)}"
+    sa_kubeconfig = cp.service_account_kubeconfig(namespace, "survivor")
+    url = cp.server
+    with cp.api_client() as api:
+        core = kubernetes.client.CoreV1Api(api)
+        core.create_namespaced_config_map(
+            namespace,
+            kubernetes.client.V1ConfigMap(metadata=kubernetes.client.V1ObjectMeta(name="kept"), data={"k": "v"}),
+        )
+
+        cp.stop_apiserver()
+        assert _connect_refused(_apiserver_address(cp))
+        with pytest.raises(MaxRetryError) as refused:
+            core.read_namespaced_config_map("kept", namespace, _request_timeout=5)
+        assert isinstance(refused.value.reason, NewConnectionError)
+        assert "Connection refused" in str(refused.value.reason)
+
+        cp.start_apiserver()
+        assert cp.server == url
+        # the client made before the stop, with its pooled connection to the old process
+        assert core.read_namespaced_config_map("kept", namespace).data == {"k": "v"}
+    assert cp.kubectl("get", "configmap", "kept", "-n", namespace, "-o", "name").stdout.strip() == "configmap/kept"
+    # a token issued by the old process still authenticates: the signing key is the same
+    who = cp.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=sa_kubeconfig)
+    assert who.stdout == f"system:serviceaccount:{namespace}:survivor"
+
+
+def test_frozen_apiserver_accepts_connections_but_answers_nothing_until_thawed(
+    own_control_plane: ControlPlane,
+) -> None:
+    cp = own_control_plane
+    with cp.api_client() as api:
+        core = kubernetes.client.CoreV1Api(api)
+        core.list_namespace(limit=1)  # a pooled keep-alive connection, as a long-running client has
+
+        cp.freeze_apiserver()
+        try:
+            # the kernel completes the handshake on the listening socket; the process never reads
+            with socket.create_connection(_apiserver_address(cp), timeout=1):
+                pass
+            started = time.monotonic()
+            # urllib3 retries a timed-out GET three times, so this takes 4 s, not 1
+            with pytest.raises(MaxRetryError) as silent:
+                core.list_namespace(limit=1, _request_timeout=1)
+            waited = time.monotonic() - started
+        finally:
+            cp.thaw_apiserver()
+        assert isinstance(silent.value.reason, ReadTimeoutError), f"not a timeout: {silent.value.reason!r}"
+        assert waited >= 1.0
+
+        assert core.list_namespace(limit=1, _request_timeout=5).items
+
+
+def test_stop_takes_down_a_frozen_control_plane_promptly() -> None:
+    """SIGTERM waits while a process is stopped; without a thaw stop() would sit out its 20 s SIGKILL timeout."""
+    cp = ControlPlane.start()
+    try:
+        address = _apiserver_address(cp)
+        cp.freeze_apiserver()
+    finally:
+        started = time.monotonic()
+        cp.stop()
+    assert time.monotonic() - started < 10
+    assert _connect_refused(address)
