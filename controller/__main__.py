@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,46 +11,15 @@ import kopf
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
+from controller.clock import Clock
+from controller.events import EventRecorder
+from controller.hypervisor import Hypervisor
 from controller.kube import Kube
+from controller.logs import configure_logging
 from controller.metrics import Metrics
+from controller.nodelock import NodeLock
 from controller.operator import Operator, register
 from controller.settings import Settings, from_args
-
-# Attributes every LogRecord has; anything else was passed as `extra` and belongs in the JSON line.
-_RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line, with the extras (vm, domain, reason) as fields a log system can filter on."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        # Scalars only: kopf passes whole objects (its settings) as extras, which are no use in a log line.
-        extras = {
-            k: v
-            for k, v in record.__dict__.items()
-            if k not in _RECORD_FIELDS and isinstance(v, str | int | float | bool) and not k.startswith("k8s_")
-        }
-        line.update(extras)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        formatter: logging.Formatter = JsonFormatter()
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
 
 
 def kubernetes_configuration(settings: Settings) -> client.Configuration:
@@ -90,20 +56,51 @@ async def run(settings: Settings, configuration: client.Configuration) -> None:
     metrics = Metrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
-    operator = Operator(settings, Kube(client.ApiClient(configuration), node_name=settings.node_name), metrics)
+    lock = NodeLock(settings.node_lock_file)
+    if not lock.try_acquire():
+        # A standby: a rollout's new copy, or a second install. It does nothing, kopf included, until the
+        # active copy exits or dies; then it takes over at once (the kernel wakes it).
+        logging.getLogger("vmop").info(
+            "another operator holds %s for node %s: waiting as a standby", settings.node_lock_file, settings.node_name
+        )
+        await lock.acquire()
+    metrics.node_lock_held.set(1)
+    logging.getLogger("vmop").info("holding %s: acting for node %s", settings.node_lock_file, settings.node_name)
+    clock = Clock()
+    operator = Operator(
+        settings,
+        kube=Kube(client.ApiClient(configuration), timeout=settings.api_timeout),
+        hypervisor=Hypervisor(
+            settings.libvirt_uri,
+            workers=settings.libvirt_workers,
+            agent_timeout=settings.agent_timeout,
+            graceful_destroy_timeout=settings.graceful_destroy_timeout,
+        ),
+        events=EventRecorder(
+            client.CoreV1Api(client.ApiClient(configuration)),
+            node_name=settings.node_name,
+            timeout=settings.api_timeout,
+        ),
+        metrics=metrics,
+        clock=clock,
+        node_lock=lock,
+    )
     registry = kopf.OperatorRegistry()
     register(registry, operator, kopf_login(configuration))
-    await kopf.operator(
-        registry=registry,
-        clusterwide=True,
-        standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
-    )
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=True,
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        )
+    finally:
+        lock.release()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = from_args(argv)
-    configure_logging(settings)
+    configure_logging(settings.log_format, settings.log_level)
     logging.getLogger("vmop").info(
         "vmop starting for node %s on %s", settings.node_name, settings.libvirt_uri, extra={"node": settings.node_name}
     )

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "vmop.dev"
@@ -23,6 +23,22 @@ SHORT_NAMES = ["lvvm"]
 
 FINALIZER = "vmop.dev/undefine-domain"
 RESTART_ANNOTATION = "vmop.dev/restartedAt"
+
+# The limits of the machine every domain gets: QEMU's default x86 machine, i440fx ("pc"), takes at most 255
+# vCPUs and has 2 IDE buses of 2 units each. libvirt refuses more at define or start.
+MAX_VCPUS = 255
+MAX_IDE_DISKS = 4
+_IDE_DISKS_MESSAGE = f"at most {MAX_IDE_DISKS} disks on bus ide (the machine has 2 IDE buses of 2 units each)"
+
+# Patterns are checked by the API server (Go's RE2, OpenAPI `pattern`) and by pydantic (Rust's regex crate),
+# so they keep to the syntax both read alike: classes, \xHH escapes, and ^ and $ as start and end of text.
+# No control characters (C0 and DEL), in text that goes into the domain XML or to the file system: libxml2
+# refuses most of them in a definition, and a NUL cannot be in a file name (os.path.realpath raises on it).
+_NO_CONTROL = r"[^\x00-\x1F\x7F]"
+ABSOLUTE_PATH_PATTERN = f"^/{_NO_CONTROL}*$"
+TEXT_PATTERN = f"^{_NO_CONTROL}*$"
+# Six octets; the first one's least significant bit (the group bit) clear: libvirt refuses a multicast MAC.
+UNICAST_MAC_PATTERN = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"
 
 
 class _Model(BaseModel):
@@ -146,8 +162,11 @@ class Disk(_Model):
     path: str = Field(
         min_length=2,
         max_length=4096,
-        pattern=r"^/",
-        description="Absolute path of the disk image on the node; must lie inside the operator's allowed storage directories.",
+        pattern=ABSOLUTE_PATH_PATTERN,
+        description=(
+            "Absolute path of the disk image on the node, without control characters; must lie inside the "
+            "operator's allowed storage directories."
+        ),
     )
     format: DiskFormat = Field(DiskFormat.RAW, description="Image format.")
     bus: DiskBus = Field(DiskBus.VIRTIO, description="The bus the guest sees the disk on.")
@@ -156,14 +175,22 @@ class Disk(_Model):
 
 class Interface(_Model):
     type: InterfaceType = Field(description="network: a libvirt network by name; bridge: a host bridge by name.")
-    source: str = Field(min_length=1, max_length=253, description="The libvirt network or host bridge to attach to.")
+    source: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=TEXT_PATTERN,
+        description="The libvirt network or host bridge to attach to (no control characters).",
+    )
     model: str = Field(
         "virtio", pattern=r"^[a-z0-9_-]{1,32}$", description="The NIC model the guest sees (e.g. virtio, e1000)."
     )
     mac_address: str | None = Field(
         None,
-        pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$",
-        description="A fixed MAC address; libvirt chooses one if unset.",
+        pattern=UNICAST_MAC_PATTERN,
+        description=(
+            "A fixed unicast MAC address, such as 52:54:00:12:34:56 (the first octet even: libvirt refuses a "
+            "multicast address); libvirt chooses one if unset."
+        ),
     )
 
 
@@ -172,25 +199,43 @@ class DomainSpec(_Model):
         json_schema_extra=_validations(
             ("!has(self.initrd) || has(self.kernel)", "initrd needs kernel (direct kernel boot)"),
             ("!has(self.cmdline) || has(self.kernel)", "cmdline needs kernel (direct kernel boot)"),
+            (
+                f"!has(self.disks) || self.disks.filter(d, has(d.bus) && d.bus == 'ide').size() <= {MAX_IDE_DISKS}",
+                _IDE_DISKS_MESSAGE,
+            ),
         )
     )
 
-    vcpus: int = Field(1, ge=1, le=256, description="Number of virtual CPUs.")
+    vcpus: int = Field(
+        1,
+        ge=1,
+        le=MAX_VCPUS,
+        description=f"Number of virtual CPUs (at most {MAX_VCPUS}, the limit of QEMU's i440fx machine).",
+    )
     memory_mib: int = Field(alias="memoryMiB", ge=8, le=4194304, description="Guest memory in MiB.")
     kernel: str | None = Field(
         None,
         min_length=2,
         max_length=4096,
-        pattern=r"^/",
+        pattern=ABSOLUTE_PATH_PATTERN,
         description=(
-            "Direct kernel boot: absolute path of the kernel on the node. Without it the firmware boots from "
-            "the first disk."
+            "Direct kernel boot: absolute path of the kernel on the node, without control characters. Without "
+            "it the firmware boots from the first disk."
         ),
     )
     initrd: str | None = Field(
-        None, min_length=2, max_length=4096, pattern=r"^/", description="Direct kernel boot: the initrd's path."
+        None,
+        min_length=2,
+        max_length=4096,
+        pattern=ABSOLUTE_PATH_PATTERN,
+        description="Direct kernel boot: the initrd's absolute path, without control characters.",
     )
-    cmdline: str | None = Field(None, max_length=4096, description="Direct kernel boot: the kernel command line.")
+    cmdline: str | None = Field(
+        None,
+        max_length=4096,
+        pattern=TEXT_PATTERN,
+        description="Direct kernel boot: the kernel command line, on one line (no control characters).",
+    )
     disks: list[Disk] = Field(
         default_factory=list, max_length=16, description="Disks in boot order. They are never deleted by vmop."
     )
@@ -202,6 +247,13 @@ class DomainSpec(_Model):
             "qemu-guest-agent)."
         ),
     )
+
+    @model_validator(mode="after")
+    def _ide_disks_fit_the_machine(self) -> DomainSpec:
+        # The same rule as the CEL rule above, for the operator, which validates the spec with this model.
+        if sum(disk.bus is DiskBus.IDE for disk in self.disks) > MAX_IDE_DISKS:
+            raise ValueError(_IDE_DISKS_MESSAGE)
+        return self
 
 
 class VirtualMachineSpec(_Model):

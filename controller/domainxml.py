@@ -10,9 +10,11 @@ import hashlib
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from controller.api import DiskBus, DomainSpec, InterfaceType
+from controller.api import DiskBus, DomainSpec, InterfaceType, ShutdownPurpose
+from controller.shutdown import ShutdownMark
 
 METADATA_URI = "https://vmop.dev/libvirt/v1alpha1"
 METADATA_PREFIX = "vmop"
@@ -137,3 +139,38 @@ def parse_owner(metadata_xml: str | None) -> Owner | None:
         return None
     uid = element.get("uid")
     return Owner(uid=uid, spec_hash=element.get("specHash", "")) if uid else None
+
+
+# The stop under way, in an element of its own: a redefinition replaces the ownership mark's element,
+# and this one lives only in the running domain's live definition, so it goes away when the domain stops.
+SHUTDOWN_MARK_URI = "https://vmop.dev/libvirt/v1alpha1/shutdown"
+SHUTDOWN_MARK_PREFIX = "vmopstop"
+
+
+def shutdown_mark_xml(mark: ShutdownMark) -> str:
+    element = ET.Element(
+        "stop",
+        {
+            "purpose": mark.purpose.value,
+            "requestedAt": mark.requested_at.isoformat(),
+            "deadline": mark.deadline.isoformat(),
+            "force": "true" if mark.force else "false",
+        },
+    )
+    return ET.tostring(element, encoding="unicode")
+
+
+def parse_shutdown_mark(metadata_xml: str | None) -> ShutdownMark | None:
+    """The mark as virDomainGetMetadata returns it; anything unreadable is no mark (the status still has it)."""
+    if not metadata_xml:
+        return None
+    try:
+        element = ET.fromstring(metadata_xml)
+        return ShutdownMark(
+            purpose=ShutdownPurpose(element.get("purpose", "")),
+            requested_at=datetime.fromisoformat(element.get("requestedAt", "")),
+            deadline=datetime.fromisoformat(element.get("deadline", "")),
+            force=element.get("force") == "true",
+        )
+    except (ET.ParseError, ValueError):
+        return None

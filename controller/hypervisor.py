@@ -25,6 +25,7 @@ import libvirt
 from controller import domainxml
 from controller.api import ShutdownMethod
 from controller.reconcile import Domain, DomainState, StopCause
+from controller.shutdown import ShutdownMark
 
 logger = logging.getLogger("vmop.hypervisor")
 T = TypeVar("T")
@@ -35,8 +36,11 @@ _STOP_CAUSES = {
     libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopCause.CRASHED,
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopCause.CRASHED,
 }
-# Errors that mean the connection, not the request, failed.
-_CONNECTION_ERRORS = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+# What says that the connection, not the request, failed. VIR_ERR_SYSTEM_ERROR is not among them: libvirt
+# reports many per-domain failures with it (a bridge that does not exist, a name too long for a file, a
+# QEMU that SIGKILL cannot end), and one VM's failure must not disconnect every VM of the node.
+_CONNECTION_ERROR_CODES = {libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
+_CONNECTION_ERROR_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
 
 
 @functools.cache
@@ -69,6 +73,38 @@ class HypervisorError(Exception):
     """libvirt refused a request; the message says what and why."""
 
 
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:  # a connection closed under us answers with "invalid connection pointer"
+        return False
+
+
+def is_connection_error(error: libvirt.libvirtError, conn: Any) -> bool:
+    """The connection failed, not the request: by error code or domain, or a connection no longer alive."""
+    return (
+        error.get_error_code() in _CONNECTION_ERROR_CODES
+        or error.get_error_domain() in _CONNECTION_ERROR_DOMAINS
+        or not _alive(conn)
+    )
+
+
+def _lookup(conn: Any, uuid: str) -> Any:
+    """Domains are acted on by UUID (the VirtualMachine's UID): a name can be taken by another domain."""
+    return conn.lookupByUUIDString(uuid)
+
+
+def _metadata(domain: Any, uri: str, flags: int) -> str | None:
+    """One metadata element, or None where there is none (or no persistent definition to read it from)."""
+    try:
+        text: str = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, uri, flags)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_OPERATION_INVALID):
+            return None
+        raise
+    return text
+
+
 def _state(domain: Any) -> tuple[DomainState, StopCause | None]:
     state, reason = domain.state()
     if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
@@ -87,16 +123,14 @@ class Hypervisor:
         self,
         uri: str,
         *,
-        on_domain_event: Callable[[str], None],
-        on_connection_change: Callable[[bool], None],
         workers: int = 64,
         agent_timeout: float = 5.0,
         graceful_destroy_timeout: float = 5.0,
         reconnect_max_backoff: float = 30.0,
     ) -> None:
         self.uri = uri
-        self._on_domain_event = on_domain_event
-        self._on_connection_change = on_connection_change
+        self._on_domain_event: Callable[[str], None] = lambda _name: None
+        self._on_connection_change: Callable[[bool], None] = lambda _up: None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
         self._agent_timeout = agent_timeout
         self._graceful_destroy_timeout = graceful_destroy_timeout
@@ -107,11 +141,21 @@ class Hypervisor:
         self._force_conn: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost = asyncio.Event()
+        self._up = asyncio.Event()
         self._reconnector: asyncio.Task[None] | None = None
+
+    def listen(self, *, on_domain_event: Callable[[str], None], on_connection_change: Callable[[bool], None]) -> None:
+        """Who hears of domain lifecycle events (by domain name) and of the connection going up or down."""
+        self._on_domain_event = on_domain_event
+        self._on_connection_change = on_connection_change
 
     @property
     def connected(self) -> bool:
         return self._conn is not None
+
+    async def wait_connected(self) -> None:
+        """Until the first connection: before it, nothing is known, and "not known yet" is not "gone"."""
+        await self._up.wait()
 
     async def open(self) -> None:
         """Start libvirt's event loop, then connect (and keep reconnecting)."""
@@ -149,6 +193,7 @@ class Hypervisor:
             backoff = 0.5
             self._conn, self._force_conn = conn, force_conn
             self._lost.clear()
+            self._up.set()
             logger.info("connected to libvirt at %s", self.uri, extra={"libvirt_uri": self.uri})
             self._on_connection_change(True)
 
@@ -205,10 +250,13 @@ class Hypervisor:
         try:
             return await self._run(fn, conn)
         except libvirt.libvirtError as error:
-            if error.get_error_code() in _CONNECTION_ERRORS or not conn.isAlive():
+            if not is_connection_error(error, conn):
+                raise HypervisorError(f"{what}: {error}") from error
+            # Only the connection still in use is torn down: a late failure on one already replaced must
+            # not close its fresh successor.
+            if conn is self._conn or conn is self._force_conn:
                 self._disconnected()
-                raise HypervisorUnavailable(f"libvirt at {self.uri}: {error}") from error
-            raise HypervisorError(f"{what}: {error}") from error
+            raise HypervisorUnavailable(f"libvirt at {self.uri}: {error}") from error
 
     async def observe(self, name: str) -> Domain | None:
         def observe(conn: Any) -> Domain | None:
@@ -219,48 +267,89 @@ class Hypervisor:
                 if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     return None
                 raise
-            try:
-                # The persistent definition's mark: a redefinition of a running domain changes only that one,
-                # and the live mark would still carry the old spec hash until the next boot.
-                metadata = domain.metadata(
-                    libvirt.VIR_DOMAIN_METADATA_ELEMENT, domainxml.METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_CONFIG
-                )
-            except libvirt.libvirtError as error:
-                # No mark, or a transient domain (no persistent definition): either way not vmop's.
-                if error.get_error_code() not in (
-                    libvirt.VIR_ERR_NO_DOMAIN_METADATA,
-                    libvirt.VIR_ERR_OPERATION_INVALID,
-                ):
-                    raise
-                metadata = None
-            owner = domainxml.parse_owner(metadata)
+            # The persistent definition's mark: a redefinition of a running domain changes only that one,
+            # and the live mark would still carry the old spec hash until the next boot. A running domain
+            # undefined from outside has no persistent definition left; its live mark still says whose it is.
+            owner_xml = _metadata(domain, domainxml.METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            if owner_xml is None and state is not DomainState.STOPPED:
+                owner_xml = _metadata(domain, domainxml.METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            owner = domainxml.parse_owner(owner_xml)
+            mark = None
+            if owner is not None and state is not DomainState.STOPPED:
+                mark_xml = _metadata(domain, domainxml.SHUTDOWN_MARK_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                mark = domainxml.parse_shutdown_mark(mark_xml)
             return Domain(
                 uuid=domain.UUIDString(),
                 owner_uid=owner.uid if owner else None,
                 spec_hash=owner.spec_hash if owner else None,
                 state=state,
                 stop_cause=cause,
+                shutdown_mark=mark,
             )
 
         return await self._call(f"observing domain {name}", observe)
 
+    async def shutdown_marks(self) -> list[tuple[str, str, ShutdownMark]]:
+        """(uuid, name, mark) of every running vmop domain with a stop under way: what the node alone knows."""
+
+        def read(conn: Any) -> list[tuple[str, str, ShutdownMark]]:
+            found = []
+            for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    owner = domainxml.parse_owner(
+                        _metadata(domain, domainxml.METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                    )
+                    xml = _metadata(domain, domainxml.SHUTDOWN_MARK_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                except libvirt.libvirtError as error:
+                    if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # gone since the listing
+                    raise
+                mark = domainxml.parse_shutdown_mark(xml)
+                if owner is not None and mark is not None and owner.uid == domain.UUIDString():
+                    found.append((owner.uid, domain.name(), mark))
+            return found
+
+        return await self._call("listing the shutdown marks", read)
+
+    async def set_shutdown_mark(self, uuid: str, mark: ShutdownMark | None) -> None:
+        """Keep (or, with None, drop) the stop under way in the running domain's live metadata."""
+
+        def write(conn: Any) -> None:
+            xml = domainxml.shutdown_mark_xml(mark) if mark is not None else None
+            key = domainxml.SHUTDOWN_MARK_PREFIX if mark is not None else None
+            _lookup(conn, uuid).setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                xml,
+                key,
+                domainxml.SHUTDOWN_MARK_URI,
+                libvirt.VIR_DOMAIN_AFFECT_LIVE,
+            )
+
+        await self._call(f"marking the stop of {uuid}", write)
+
     async def define(self, xml: str) -> None:
         await self._call("defining the domain", lambda conn: conn.defineXML(xml))
 
-    async def start_domain(self, name: str) -> None:
-        await self._call(f"starting {name}", lambda conn: conn.lookupByName(name).create())
+    async def start_domain(self, uuid: str) -> None:
+        await self._call(f"starting {uuid}", lambda conn: _lookup(conn, uuid).create())
 
-    async def suspend(self, name: str) -> None:
-        await self._call(f"pausing {name}", lambda conn: conn.lookupByName(name).suspend())
+    async def suspend(self, uuid: str) -> None:
+        await self._call(f"pausing {uuid}", lambda conn: _lookup(conn, uuid).suspend())
 
-    async def resume(self, name: str) -> None:
-        await self._call(f"resuming {name}", lambda conn: conn.lookupByName(name).resume())
+    async def resume(self, uuid: str) -> None:
+        await self._call(f"resuming {uuid}", lambda conn: _lookup(conn, uuid).resume())
 
-    async def undefine(self, name: str) -> None:
+    async def undefine(self, uuid: str) -> None:
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        await self._call(f"undefining {name}", lambda conn: conn.lookupByName(name).undefineFlags(flags))
 
-    async def request_shutdown(self, name: str, methods: tuple[ShutdownMethod, ...]) -> tuple[str | None, str]:
+        def undefine(conn: Any) -> None:
+            domain = _lookup(conn, uuid)
+            if domain.isPersistent():  # one made transient from outside vanished when it stopped
+                domain.undefineFlags(flags)
+
+        await self._call(f"undefining {uuid}", undefine)
+
+    async def request_shutdown(self, uuid: str, methods: tuple[ShutdownMethod, ...]) -> tuple[str | None, str]:
         """Ask the guest by each method in turn; return the method libvirt accepted and why others were not.
 
         Explicit flags always: with flags 0, libvirt tries the guest agent first, and a missing or hung
@@ -272,13 +361,13 @@ class Hypervisor:
             try:
                 if method is ShutdownMethod.AGENT:
                     await asyncio.wait_for(
-                        self._call(f"agent shutdown of {name}", self._agent_shutdown(name)),
+                        self._call(f"agent shutdown of {uuid}", self._agent_shutdown(uuid)),
                         timeout=self._agent_timeout + 1,
                     )
                 else:
                     await self._call(
-                        f"ACPI shutdown of {name}",
-                        lambda conn: conn.lookupByName(name).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
+                        f"ACPI shutdown of {uuid}",
+                        lambda conn: _lookup(conn, uuid).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
                     )
                 return method.value, "; ".join(refusals)
             except HypervisorError as error:
@@ -287,9 +376,9 @@ class Hypervisor:
                 refusals.append(f"{method.value}: no answer within {self._agent_timeout:.0f}s")
         return None, "; ".join(refusals)
 
-    def _agent_shutdown(self, name: str) -> Callable[[Any], None]:
+    def _agent_shutdown(self, uuid: str) -> Callable[[Any], None]:
         def agent_shutdown(conn: Any) -> None:
-            domain = conn.lookupByName(name)
+            domain = _lookup(conn, uuid)
             # Without an agent channel this fails, and so does shutdownFlags below: at once, with the reason.
             with contextlib.suppress(libvirt.libvirtError):
                 domain.agentSetResponseTimeout(math.ceil(self._agent_timeout), 0)
@@ -297,13 +386,19 @@ class Hypervisor:
 
         return agent_shutdown
 
-    async def force_off(self, name: str) -> None:
-        """SIGTERM first (QEMU flushes its caches and exits); SIGKILL only if it is still there after a bound."""
+    async def force_off(self, uuid: str) -> None:
+        """SIGTERM first, so that QEMU flushes its caches and exits; SIGKILL only if it does not.
+
+        libvirt's timeline: a graceful destroy sends SIGTERM and polls every 200 ms, giving up after 15 s
+        without SIGKILL. After our bound (settings keep it below those 15 s) a plain destroy follows; it
+        sends SIGTERM again and SIGKILL 10 s later (virProcessKillPainfully), so a QEMU that ignores SIGTERM
+        is gone at most bound + 10 s (and a few polls) after the deadline.
+        """
 
         def destroy(flags: int) -> Callable[[Any], None]:
             def run(conn: Any) -> None:
                 try:
-                    conn.lookupByName(name).destroyFlags(flags)
+                    _lookup(conn, uuid).destroyFlags(flags)
                 except libvirt.libvirtError as error:
                     if error.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
                         raise
@@ -313,7 +408,7 @@ class Hypervisor:
         try:
             await asyncio.wait_for(
                 self._call(
-                    f"graceful destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL), force_lane=True
+                    f"graceful destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL), force_lane=True
                 ),
                 timeout=self._graceful_destroy_timeout,
             )
@@ -321,8 +416,8 @@ class Hypervisor:
         except (TimeoutError, HypervisorError) as error:
             logger.warning(
                 "graceful destroy of %s did not finish (%s): destroying",
-                name,
+                uuid,
                 error or "timeout",
-                extra={"domain": name},
+                extra={"domain": uuid},
             )
-        await self._call(f"destroy of {name}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT), force_lane=True)
+        await self._call(f"destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT), force_lane=True)

@@ -1,56 +1,110 @@
-"""The Kubernetes writes of the operator: status, its own finalizer, and Events. Nothing else is written.
+"""The Kubernetes calls of the operator: status, its own finalizer, and reads. Nothing else is written.
 
 The operator never writes spec, labels or annotations (GitOps tools own those); status is replaced as a
 whole with a JSON patch so that a field the operator dropped is really gone, and the finalizer is added
 and removed by JSON patch at its index, guarded by a test, so that other finalizers are never clobbered.
+
+Every call has a timeout (the kubernetes client has none by default) and every failure, a refusal or a
+connection that never answered, comes back as one KubeError: a caller never has to know urllib3.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
+import urllib3
 from kubernetes import client
 
-from controller.api import FINALIZER, GROUP, KIND, PLURAL, VERSION
+from controller.api import FINALIZER, GROUP, PLURAL, VERSION
 
 logger = logging.getLogger("vmop.kube")
 _JSON_PATCH = "application/json-patch+json"
-_COMPONENT = "vmop"
 # The name GitOps tools see in managedFields for what the operator wrote: status and its finalizer.
 FIELD_MANAGER = "vmop"
+CONFLICT, NOT_FOUND = 409, 404
+
+
+class KubeError(Exception):
+    """A Kubernetes request failed; status is the HTTP status, or None when no answer came."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient, *, node_name: str, workers: int = 32) -> None:
+    def __init__(self, api_client: client.ApiClient, *, timeout: float = 10.0, workers: int = 32) -> None:
         self._objects = client.CustomObjectsApi(api_client)
-        self._events = client.CoreV1Api(api_client)
-        self._node_name = node_name
-        # Status and finalizer writes have a pool of their own: a VM seen Stopped is reported at once, not
-        # behind other VMs' Events.
+        self._timeout = timeout
+        # The client blocks; its calls run here, never on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
-        self._event_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kube-events")
 
-    async def _run(self, fn: Any, /, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(**kwargs))
+    async def _call(self, what: str, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+        def call() -> Any:
+            return fn(**kwargs, _request_timeout=(min(3.0, self._timeout), self._timeout))
 
-    async def replace_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-        """Write the whole status; returns the object as the API server now has it."""
-        result: dict[str, Any] = await self._run(
+        try:
+            # The client's own timeouts bound connect and each read; this bounds the whole, a slow drip included.
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self._executor, call), timeout=self._timeout + 1
+            )
+        except client.ApiException as error:
+            raise KubeError(f"{what}: {error.status} {error.reason}", error.status) from error
+        except (urllib3.exceptions.HTTPError, OSError, TimeoutError) as error:
+            raise KubeError(f"{what}: no answer from the API server ({error!r})", None) from error
+
+    async def write_status(
+        self, namespace: str, name: str, status: dict[str, Any], *, resource_version: str
+    ) -> dict[str, Any]:
+        """Write the whole status if the object is still at resource_version (else KubeError 409).
+
+        The precondition means a write never lands on a state the writer has not seen: a lost race is
+        decided again on fresh state, never silently overwritten.
+        """
+        result: dict[str, Any] = await self._call(
+            f"writing the status of {namespace}/{name}",
             self._objects.patch_namespaced_custom_object_status,
             group=GROUP,
             version=VERSION,
             namespace=namespace,
             plural=PLURAL,
             name=name,
-            body=[{"op": "add", "path": "/status", "value": status}],
+            body=[
+                {"op": "replace", "path": "/metadata/resourceVersion", "value": resource_version},
+                {"op": "add", "path": "/status", "value": status},
+            ],
             field_manager=FIELD_MANAGER,
             _content_type=_JSON_PATCH,
         )
         return result
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            f"reading {namespace}/{name}",
+            self._objects.get_namespaced_custom_object,
+            group=GROUP,
+            version=VERSION,
+            namespace=namespace,
+            plural=PLURAL,
+            name=name,
+        )
+        return result
+
+    async def list_node(self, node_name: str) -> tuple[list[dict[str, Any]], str]:
+        """This node's VirtualMachines and the list's resourceVersion, filtered by the API server."""
+        result: dict[str, Any] = await self._call(
+            f"listing the VirtualMachines of node {node_name}",
+            self._objects.list_cluster_custom_object,
+            group=GROUP,
+            version=VERSION,
+            plural=PLURAL,
+            field_selector=f"spec.nodeName={node_name}",
+        )
+        return list(result.get("items", [])), str(result["metadata"]["resourceVersion"])
 
     async def add_finalizer(self, body: dict[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]
@@ -77,7 +131,8 @@ class Kube:
         return await self._patch(meta, patch)
 
     async def _patch(self, meta: dict[str, Any], patch: list[dict[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._run(
+        result: dict[str, Any] = await self._call(
+            f"patching the finalizers of {meta['namespace']}/{meta['name']}",
             self._objects.patch_namespaced_custom_object,
             group=GROUP,
             version=VERSION,
@@ -89,44 +144,3 @@ class Kube:
             _content_type=_JSON_PATCH,
         )
         return result
-
-    async def post_event(self, body: dict[str, Any], *, type_: str, reason: str, message: str) -> None:
-        """Post a core/v1 Event about the VM; a failure is logged, never raised: events are not state."""
-        meta = body["metadata"]
-        now = datetime.now(UTC)
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}",
-                kind=KIND,
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta["uid"],
-                resource_version=meta.get("resourceVersion"),
-            ),
-            type=type_,
-            reason=reason,
-            message=message[:1024],
-            first_timestamp=now,
-            last_timestamp=now,
-            event_time=now,
-            count=1,
-            action=reason,
-            reporting_component=_COMPONENT,
-            reporting_instance=f"{_COMPONENT}-{self._node_name}",
-            source=client.V1EventSource(component=_COMPONENT, host=self._node_name),
-        )
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._event_executor,
-                lambda: self._events.create_namespaced_event(namespace=meta["namespace"], body=event),
-            )
-        except client.ApiException as error:
-            logger.error(
-                "could not post event %s for %s/%s: %s",
-                reason,
-                meta["namespace"],
-                meta["name"],
-                error.reason,
-                extra={"vm": f"{meta['namespace']}/{meta['name']}"},
-            )

@@ -43,6 +43,11 @@ class Metrics:
         self.libvirt_connected = Gauge(
             "vmop_libvirt_connected", "1 while the libvirt connection is up.", registry=self.registry
         )
+        self.node_lock_held = Gauge(
+            "vmop_node_lock_held",
+            "1 while this operator holds its node's lock and acts; 0 while it waits as a standby.",
+            registry=self.registry,
+        )
         # Every label value exported from the start, at 0: a series that appears only at its first
         # increment hides that increment from rate() and increase(), and reads as "no data" on a dashboard.
         for outcome in ShutdownOutcome:

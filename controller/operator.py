@@ -1,24 +1,27 @@
 """The operator shell: one worker task per VirtualMachine of this node, wired to kopf, libvirt and Kubernetes.
 
 kopf watches VirtualMachines and hands each event of this node's VMs to its worker; libvirt lifecycle
-events wake the worker of their domain. A worker observes, asks the pure core (`reconcile.decide`) what
-to do, writes the status it returns (before acting: a deadline is persisted before the first request),
-acts, and sleeps until woken or until the time the core named. It decides nothing itself.
+events wake the worker of their domain. One step of a worker is observe -> decide -> act: it observes the
+domain, asks the pure core (`reconcile.decide`) once, keeps a stop's deadline in the domain's own
+metadata before the first request, acts, and only then reports. The report leaves beside the step: the
+status through the VM's StatusWriter, Events through the recorder; neither is ever awaited, so an API
+server that hangs or refuses never delays a force. The worker sleeps until woken or until the time the
+core named, and never past a deadline it may have to force. It decides nothing itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import kopf
 import pydantic
-from kubernetes import client
 
 from controller import domainxml, storage
 from controller.api import (
@@ -28,17 +31,27 @@ from controller.api import (
     RESTART_ANNOTATION,
     VERSION,
     ObservedPowerState,
+    ShutdownRecord,
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
+from controller.backstop import Backstop
+from controller.clock import Clock
+from controller.events import EventRecorder
 from controller.hypervisor import Hypervisor, HypervisorError, HypervisorUnavailable
-from controller.kube import Kube
+from controller.kube import Kube, KubeError
+from controller.logs import vm_logger
 from controller.metrics import Metrics
+from controller.nodelock import NodeLock
 from controller.reconcile import (
     Action,
     ActionKind,
+    Domain,
+    DomainState,
+    Event,
     Plan,
     VirtualMachine,
+    active_stop,
     after_request,
     decide,
     domain_name,
@@ -46,14 +59,14 @@ from controller.reconcile import (
 )
 from controller.reconcile import Settings as DecisionSettings
 from controller.settings import Settings
+from controller.statuswriter import StatusWriter
 
 logger = logging.getLogger("vmop.operator")
 Key = tuple[str, str]
 _MAX_BACKOFF = 60.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# Past a deadline whose force failed, it is tried again this often, whatever the backoff says.
+_OVERDUE_RETRY = 1.0
+_WATCH_BACKOFFS = (0.5, 1.0, 1.0, 2.0)
 
 
 def read_vm(body: dict[str, Any]) -> VirtualMachine:
@@ -92,41 +105,61 @@ def _resource_version(body: dict[str, Any]) -> int | None:
         return None
 
 
-def _status_json(status: VirtualMachineStatus) -> dict[str, Any]:
-    result: dict[str, Any] = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return result
-
-
 class VmWorker:
     """Reconciles one VirtualMachine, one step at a time, until its object is gone."""
 
-    def __init__(self, operator: Operator, body: dict[str, Any]) -> None:
+    def __init__(self, operator: Operator, body: dict[str, Any], *, forced: ShutdownRecord | None = None) -> None:
         meta = body["metadata"]
         self.key: Key = (meta["namespace"], meta["name"])
+        self.uid: str = meta["uid"]
         self.domain = domain_name(*self.key)
         self.body = body
         self._op = operator
+        # The status this worker last decided: the truth while it runs (one operator per node writes it);
+        # the API server's copy may lag behind it while the writer retries.
+        self._status: VirtualMachineStatus | None = None
+        self._forced = forced
         self._wake = asyncio.Event()
         self._backoff = 0.0
         self._last_action: Action | None = None
-        self._log = logging.LoggerAdapter(logger, {"vm": f"{self.key[0]}/{self.key[1]}", "domain": self.domain})
+        self._force_deadline: datetime | None = None
+        self._log = vm_logger(*self.key, self.domain, logger)
+        self.writer = StatusWriter(
+            operator.kube,
+            namespace=self.key[0],
+            name=self.key[1],
+            written=read_vm(body).status,
+            resource_version=lambda: str(self.body["metadata"].get("resourceVersion", "")),
+            on_body=self.update,
+            log=self._log,
+        )
         self.task = asyncio.create_task(self._run(), name=f"vm:{self.key[0]}/{self.key[1]}")
 
-    def update(self, body: dict[str, Any]) -> None:
-        """Take a newer version of the object; a watch event older than our own last write is ignored."""
+    def update(self, body: dict[str, Any], fresh: bool = True) -> None:
+        """Take a newer version of the object; a watch event older than our own last write is ignored.
+
+        fresh=False: only our own status write changed it, and there is nothing new to decide on.
+        """
         new, old = _resource_version(body), _resource_version(self.body)
         if new is None or old is None or new >= old:
             self.body = body
-        self.wake()
+        if fresh:
+            self.wake()
 
     def wake(self) -> None:
         self._wake.set()
 
+    def cancel(self) -> None:
+        self.task.cancel()
+        self.writer.task.cancel()
+
     async def _run(self) -> None:
+        # Until libvirt has answered once, nothing is known; "not known yet" is not "gone", nor news.
+        await self._op.hypervisor.wait_connected()
         while True:
             self._wake.clear()
             try:
-                delay = await self._reconcile()
+                delay = await self._step()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -136,80 +169,157 @@ class VmWorker:
             if delay is None:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, delay))
+                await asyncio.wait_for(self._wake.wait(), timeout=self._clamp(delay))
+
+    def _clamp(self, delay: float) -> float:
+        """No sleep, backoff included, runs past a deadline this worker has to force."""
+        if self._force_deadline is None:
+            return max(0.0, delay)
+        until = self._op.clock.seconds_until(self._force_deadline)
+        return max(0.0, min(delay, until if until > 0 else _OVERDUE_RETRY))
 
     def _next_backoff(self) -> float:
         self._backoff = min(_MAX_BACKOFF, max(1.0, self._backoff * 2))
         return self._backoff
 
-    async def _reconcile(self) -> float | None:
+    def _read(self) -> VirtualMachine:
+        vm = read_vm(self.body)
+        if self._status is None:
+            return vm
+        return dataclasses.replace(vm, status=self._status)
+
+    async def _step(self) -> float | None:
         """One step; returns seconds until the next look, or None to look again at once (an action was taken)."""
         op = self._op
-        vm = read_vm(self.body)
+        vm = self._read()
         try:
             observed = await op.hypervisor.observe(self.domain)
         except HypervisorUnavailable as error:
-            await self._apply(vm, unreachable(vm, str(error), utcnow()))
+            self._report(vm.status, unreachable(vm, str(error), op.clock.now()))
             return op.decision_settings.resync.total_seconds()
-        spec_domain = vm.spec.domain if vm.spec else None
-        plan = decide(
-            vm,
-            observed,
-            utcnow(),
-            expected_spec_hash=domainxml.spec_hash(spec_domain, op.settings.host) if spec_domain else None,
-            storage_problems=storage.problems(spec_domain, op.settings.allowed_storage_dirs) if spec_domain else (),
-            settings=op.decision_settings,
-        )
-        await self._apply(vm, plan)
-        self._op.power_state_seen(self.key, plan.status.power_state)
+        except HypervisorError as error:
+            self._failed("Observe", error)
+            return self._next_backoff()
+        if self._forced is not None:
+            vm = self._take_over_forced_stop(vm, self._forced)
+            self._forced = None
+        plan = self._decide(vm, observed)
+        mark = plan.shutdown_mark
+        self._force_deadline = mark.deadline if mark is not None and mark.force else None
+        if observed is not None and observed.owner_uid == vm.uid and observed.state is not DomainState.STOPPED:
+            await self._keep_mark(plan, observed)
+        op.power_state_seen(self.key, plan.status.power_state)
         if plan.action is None:
+            self._report(vm.status, plan)
             self._backoff = 0.0
             self._last_action = None
-            return (plan.wake_at - utcnow()).total_seconds() if plan.wake_at else None
+            return op.clock.seconds_until(plan.wake_at) if plan.wake_at else None
         if plan.action == self._last_action:
             # Every action changes what the next decision sees; the same one again at once had no effect.
             # Back off rather than spin against libvirt and the API server, and say so.
             self._log.warning("%s again without effect: backing off", plan.action.kind.value)
-            self._op.metrics.reconcile_errors.labels("repeated").inc()
+            op.metrics.reconcile_errors.labels("repeated").inc()
             self._last_action = None
+            self._report(vm.status, plan)
             return self._next_backoff()
         self._last_action = plan.action
         try:
-            await self._act(vm, plan.status, plan.action)
+            status, event = await self._act(vm, plan)
         except HypervisorUnavailable as error:
-            await self._apply(vm, unreachable(vm, str(error), utcnow()))
+            self._report(vm.status, plan)
+            self._report(
+                plan.status, unreachable(dataclasses.replace(vm, status=plan.status), str(error), op.clock.now())
+            )
             return op.decision_settings.resync.total_seconds()
-        except (HypervisorError, client.ApiException) as error:
-            message = f"{plan.action.kind.value} failed: {getattr(error, 'reason', None) or error}"
-            self._log.error(message)
-            op.metrics.reconcile_errors.labels(plan.action.kind.value).inc()
-            await op.kube.post_event(self.body, type_="Warning", reason="ActionFailed", message=message)
+        except (HypervisorError, KubeError) as error:
+            self._report(vm.status, plan)
+            self._failed(plan.action.kind.value, error)
             return self._next_backoff()
+        self._report(vm.status, dataclasses.replace(plan, status=status, events=(*plan.events, *event)))
         self._backoff = 0.0
         return None
 
-    async def _apply(self, vm: VirtualMachine, plan: Plan) -> None:
-        """Write the plan's status if it changed, then post its events."""
-        await self._write_status(vm.status, plan.status)
+    def _decide(self, vm: VirtualMachine, observed: Domain | None) -> Plan:
+        op = self._op
+        spec_domain = vm.spec.domain if vm.spec else None
+        return decide(
+            vm,
+            observed,
+            op.clock.now(),
+            expected_spec_hash=domainxml.spec_hash(spec_domain, op.settings.host) if spec_domain else None,
+            storage_problems=storage.problems(spec_domain, op.settings.allowed_storage_dirs) if spec_domain else (),
+            settings=op.decision_settings,
+        )
+
+    async def _keep_mark(self, plan: Plan, observed: Domain) -> None:
+        """The stop under way goes into the domain's metadata before anything is sent: the node's own copy.
+
+        A failure here is reported and the step goes on: the status still carries the deadline, and the
+        mark is only the backstop for when the status cannot be read.
+        """
+        wanted = plan.shutdown_mark
+        if wanted == observed.shutdown_mark:
+            return
+        if wanted is None and (observed.shutdown_mark is None or active_stop(plan.status) is not None):
+            return
+        try:
+            await self._op.hypervisor.set_shutdown_mark(observed.uuid, wanted)
+        except (HypervisorError, HypervisorUnavailable) as error:
+            self._log.warning("could not keep the stop in the domain's metadata: %s", error)
+
+    def _take_over_forced_stop(self, vm: VirtualMachine, record: ShutdownRecord) -> VirtualMachine:
+        """The backstop forced this VM before the worker existed: that stop is the status's now."""
+        known = vm.status.shutdown
+        # The status's own record stands only for a later stop, or for this one already reported.
+        if (
+            known is not None
+            and known.requested_at is not None
+            and record.requested_at is not None
+            and (
+                known.requested_at > record.requested_at
+                or (known.requested_at == record.requested_at and known.outcome is not None)
+            )
+        ):
+            return vm
+        status = vm.status.model_copy(update={"shutdown": record})
+        assert record.deadline is not None
+        assert record.completed_at is not None
+        late = (record.completed_at - record.deadline).total_seconds()
+        event = Event(
+            "Normal",
+            "ForcedOff",
+            f"forced off {late:.2f}s after the deadline (by the node, before the API server answered)",
+        )
+        self._report(vm.status, Plan(status=status, events=(event,)))
+        return dataclasses.replace(vm, status=status)
+
+    def _failed(self, what: str, error: Exception) -> None:
+        message = f"{what} failed: {error}"
+        self._log.error(message)
+        self._op.metrics.reconcile_errors.labels(what).inc()
+        self._op.events.post(self.body, type_="Warning", reason="ActionFailed", message=message)
+
+    def _report(self, old: VirtualMachineStatus, plan: Plan) -> None:
+        """Hand the status to the writer and the events to the recorder; neither is waited for."""
+        self._status = plan.status
+        self._op.status_changed(old, plan.status)
+        self.writer.submit(plan.status)
         for event in plan.events:
             self._log.info("%s: %s", event.reason, event.message, extra={"reason": event.reason})
-            await self._op.kube.post_event(self.body, type_=event.type, reason=event.reason, message=event.message)
+            self._op.events.post(self.body, type_=event.type, reason=event.reason, message=event.message)
 
-    async def _write_status(self, old: VirtualMachineStatus, new: VirtualMachineStatus) -> None:
-        if new == old:
-            return
-        self.body = await self._op.kube.replace_status(self.key[0], self.key[1], _status_json(new))
-        self._op.status_written(old, new)
-
-    async def _act(self, vm: VirtualMachine, status: VirtualMachineStatus, action: Action) -> None:
+    async def _act(self, vm: VirtualMachine, plan: Plan) -> tuple[VirtualMachineStatus, tuple[Event, ...]]:
+        """Take the plan's action; returns the status after it (a request adds its attempt) and its events."""
         op = self._op
         hyp = op.hypervisor
+        action = plan.action
+        assert action is not None
         self._log.debug("action %s", action.kind.value)
         match action.kind:
             case ActionKind.ADD_FINALIZER:
-                self.body = await op.kube.add_finalizer(self.body)
+                self.update(await op.kube.add_finalizer(self.body), fresh=False)
             case ActionKind.REMOVE_FINALIZER:
-                self.body = await op.kube.remove_finalizer(self.body)
+                self.update(await op.kube.remove_finalizer(self.body), fresh=False)
             case ActionKind.DEFINE:
                 assert vm.spec is not None
                 await hyp.define(
@@ -223,56 +333,74 @@ class VmWorker:
                     )
                 )
             case ActionKind.START:
-                await hyp.start_domain(self.domain)
+                await hyp.start_domain(self.uid)
             case ActionKind.SUSPEND:
-                await hyp.suspend(self.domain)
+                await hyp.suspend(self.uid)
             case ActionKind.RESUME:
-                await hyp.resume(self.domain)
+                await hyp.resume(self.uid)
             case ActionKind.FORCE_OFF:
-                await hyp.force_off(self.domain)
+                await hyp.force_off(self.uid)
             case ActionKind.UNDEFINE:
-                await hyp.undefine(self.domain)
+                await hyp.undefine(self.uid)
             case ActionKind.REQUEST_SHUTDOWN:
-                await self._request_shutdown(status, action)
+                return await self._request_shutdown(plan.status, action)
+        return plan.status, ()
 
-    async def _request_shutdown(self, status: VirtualMachineStatus, action: Action) -> None:
+    async def _request_shutdown(
+        self, status: VirtualMachineStatus, action: Action
+    ) -> tuple[VirtualMachineStatus, tuple[Event, ...]]:
         assert status.shutdown is not None
         deadline = status.shutdown.deadline
         # A slow guest agent must never push the force back: a request gets at most the time left until
         # the deadline (libvirt's own agent timeout bounds it further; a late answer is simply dropped).
-        budget = (deadline - utcnow()).total_seconds() if deadline is not None else None
+        budget = self._op.clock.seconds_until(deadline) if deadline is not None else None
         try:
             method, refusals = await asyncio.wait_for(
-                self._op.hypervisor.request_shutdown(self.domain, action.methods),
+                self._op.hypervisor.request_shutdown(self.uid, action.methods),
                 timeout=budget if budget is not None and budget > 0 else None,
             )
         except TimeoutError:
             method, refusals = None, "no method answered before the deadline"
-        new_status, event = after_request(status, method=method, refusals=refusals, now=utcnow())
-        await self._write_status(status, new_status)
-        self._log.info("%s: %s", event.reason, event.message, extra={"reason": event.reason})
-        await self._op.kube.post_event(self.body, type_=event.type, reason=event.reason, message=event.message)
+        return after_request(status, method=method, refusals=refusals, now=self._op.clock.now())
 
 
 class Operator:
     """Holds the workers of this node's VirtualMachines, and nothing for any other node's."""
 
-    def __init__(self, settings: Settings, kube: Kube, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        kube: Kube,
+        hypervisor: Hypervisor,
+        events: EventRecorder,
+        metrics: Metrics,
+        clock: Clock,
+        node_lock: NodeLock | None = None,
+    ) -> None:
         self.settings = settings
+        self.node_lock = node_lock
         self.kube = kube
+        self.hypervisor = hypervisor
+        self.events = events
         self.metrics = metrics
+        self.clock = clock
         self.decision_settings = DecisionSettings(resync=settings.resync)
-        self.hypervisor = Hypervisor(
-            settings.libvirt_uri,
-            on_domain_event=self.domain_event,
-            on_connection_change=self.connection_changed,
-            workers=settings.libvirt_workers,
-            agent_timeout=settings.agent_timeout,
-            graceful_destroy_timeout=settings.graceful_destroy_timeout,
-        )
+        self.backstop = Backstop(hypervisor, clock)
+        hypervisor.listen(on_domain_event=self.domain_event, on_connection_change=self.connection_changed)
         self.workers: dict[Key, VmWorker] = {}
         self._by_domain: dict[str, VmWorker] = {}
         self._power_states: dict[Key, ObservedPowerState] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """After the node lock is held: connect to libvirt, arm the backstop, relist at every resync."""
+        await self.events.start()
+        await self.hypervisor.open()
+        self._tasks = [
+            asyncio.create_task(self.backstop.arm(), name="backstop"),
+            asyncio.create_task(self._relist(), name="relist"),
+        ]
 
     def is_mine(self, spec: dict[str, Any]) -> bool:
         return spec.get("nodeName") == self.settings.node_name
@@ -285,18 +413,44 @@ class Operator:
             if worker is not None:
                 self._forget(worker)
             return
-        if worker is not None and worker.body["metadata"]["uid"] != meta["uid"]:
+        if worker is not None and worker.uid != meta["uid"]:
             self._forget(worker)  # the name was reused by a new object: its predecessor is gone
             worker = None
         if worker is None:
-            worker = VmWorker(self, body)
+            worker = VmWorker(self, body, forced=self.backstop.hand_over(meta["uid"]))
             self.workers[key] = worker
             self._by_domain[worker.domain] = worker
         else:
             worker.update(body)
 
+    async def _relist(self) -> None:
+        """At every resync, what the watch may have missed: after a relist kopf sends no DELETED events.
+
+        A worker whose object is not in the list (and is older than the list) is dropped, and its domain
+        is left as it is: an orphan is never restarted. Objects in the list refresh their workers, so a
+        deletion whose update was missed is seen too.
+        """
+        while True:
+            await asyncio.sleep(self.decision_settings.resync.total_seconds())
+            try:
+                items, list_version = await self.kube.list_node(self.settings.node_name)
+            except KubeError as error:
+                logger.warning("relist failed: %s", error)
+                continue
+            listed = set()
+            for body in items:
+                listed.add((body["metadata"]["namespace"], body["metadata"]["name"]))
+                self.object_event(None, body)
+            for key, worker in list(self.workers.items()):
+                version = _resource_version(worker.body)
+                if key not in listed and version is not None and version < int(list_version):
+                    logger.info(
+                        "%s/%s is gone (not in the relist): its worker stops", *key, extra={"vm": "/".join(key)}
+                    )
+                    self._forget(worker)
+
     def _forget(self, worker: VmWorker) -> None:
-        worker.task.cancel()
+        worker.cancel()
         self.workers.pop(worker.key, None)
         self._by_domain.pop(worker.domain, None)
         self._power_states.pop(worker.key, None)
@@ -312,7 +466,8 @@ class Operator:
         for worker in self.workers.values():
             worker.wake()
 
-    def status_written(self, old: VirtualMachineStatus, new: VirtualMachineStatus) -> None:
+    def status_changed(self, old: VirtualMachineStatus, new: VirtualMachineStatus) -> None:
+        """Counted when decided, not when written: metrics, like Events, never wait for the API server."""
         if new.shutdown is not None and new.shutdown.outcome is not None and old.shutdown != new.shutdown:
             self.metrics.stop_finished(new.shutdown)
 
@@ -324,11 +479,20 @@ class Operator:
 
     async def stop(self) -> None:
         """Stop the workers and drop the libvirt connection; every guest is left exactly as it is."""
-        tasks = [worker.task for worker in self.workers.values()]
-        for task in tasks:
+        tasks = [*self._tasks]
+        for worker in self.workers.values():
+            worker.cancel()
+            tasks += [worker.task, worker.writer.task]
+        for task in self._tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.backstop.close()
+        if self.node_lock is not None:
+            # Nothing acts any more: a standby may take over now, not after the Events below are drained.
+            self.node_lock.release()
+            self.metrics.node_lock_held.set(0)
         await self.hypervisor.close()
+        await self.events.close()
 
 
 def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callable[..., Any]) -> None:
@@ -339,7 +503,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # One operator per node, all equal: peering would make them freeze each other.
+        # One operator per node, all equal: peering would make them freeze each other (the node lock
+        # decides which copy acts).
         settings.peering.standalone = True
         # Only this node's VirtualMachines, filtered by the API server (spec.nodeName is a selectable field
         # of the CRD): the operator of a node receives, parses and holds nothing of other nodes' VMs. The
@@ -348,7 +513,12 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
         # Least privilege: no CRD or namespace scanning, and kopf posts no Events of its own.
         settings.scanning.disabled = True
         settings.posting.enabled = False
-        await operator.hypervisor.open()
+        # After an API server outage, relist within seconds of its return rather than after kopf's default
+        # backoffs (up to 21 s between tries); a relist is one request.
+        settings.networking.error_backoffs = _WATCH_BACKOFFS
+        settings.networking.request_timeout = operator.settings.api_timeout * 3
+        settings.networking.connect_timeout = operator.settings.api_timeout
+        await operator.start()
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

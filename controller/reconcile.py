@@ -8,6 +8,7 @@ more), and it says when to look again. It has no I/O: the shell observes libvirt
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -26,6 +27,7 @@ from controller.api import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
+from controller.shutdown import ShutdownMark
 
 
 class DomainState(StrEnum):
@@ -53,6 +55,7 @@ class Domain:
     spec_hash: str | None
     state: DomainState
     stop_cause: StopCause | None = None
+    shutdown_mark: ShutdownMark | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class Plan:
     action: Action | None = None
     events: tuple[Event, ...] = ()
     wake_at: datetime | None = None
+    # The stop the node keeps in the domain's metadata; None keeps nothing (the shell clears an old mark
+    # only once the status holds no stop under way, so a step that did not reach the stop logic keeps it).
+    shutdown_mark: ShutdownMark | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,15 @@ class Settings:
 
 # Outcomes of stops nobody asked for, and whether each restartPolicy undoes them.
 _UNASKED_OUTCOMES = {ShutdownOutcome.GUEST_INITIATED, ShutdownOutcome.CRASHED, ShutdownOutcome.DESTROYED}
-_RUNNING_STATES = {ObservedPowerState.RUNNING, ObservedPowerState.PAUSED, ObservedPowerState.SHUTTING_DOWN}
+# States in which a VM found stopped was stopped unasked. Unknown is among them: a domain seen stopped after
+# libvirt could not be reached may have stopped meanwhile, and restartPolicy judges that stop by its cause
+# (a guest's own power-off stays off under OnFailure and Never) instead of taking "not known" for "off".
+_RUNNING_STATES = {
+    ObservedPowerState.RUNNING,
+    ObservedPowerState.PAUSED,
+    ObservedPowerState.SHUTTING_DOWN,
+    ObservedPowerState.UNKNOWN,
+}
 
 
 def restarts(policy: RestartPolicy, outcome: ShutdownOutcome) -> bool:
@@ -170,6 +184,7 @@ class _Decision:
     ready: tuple[str, str, str] = ("Unknown", "Reconciling", "")
     synced: tuple[str, str, str] = ("True", "Reconciled", "")
     overdue: tuple[str, str, str] | None = None
+    mark: ShutdownMark | None = None
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
@@ -202,6 +217,7 @@ class _Decision:
             action=action,
             events=tuple(self.events),
             wake_at=min(wake_at, resync_at) if wake_at else resync_at,
+            shutdown_mark=self.mark,
         )
 
 
@@ -243,7 +259,8 @@ def decide(
 
     spec = vm.spec
     if domain is not None:
-        d.update(domain_name=_domain_name(vm), domain_uuid=domain.uuid, power_state=_observed(domain, vm.status))
+        d.update(shutdown=shutdown.adopt(vm.status.shutdown, domain.shutdown_mark))
+        d.update(domain_name=_domain_name(vm), domain_uuid=domain.uuid, power_state=_observed(domain, d.status))
 
     if vm.deleting:
         return _delete(d, spec, domain)
@@ -295,8 +312,21 @@ def decide(
 
 
 def domain_name(namespace: str, name: str) -> str:
-    # "_" is allowed in neither namespace nor object names, so names from different namespaces never clash.
-    return f"{namespace}_{name}"
+    """The libvirt domain's name for the VM namespace/name: `<namespace>_<name>` whenever that fits.
+
+    libvirt keeps files named after the domain (`<name>.xml`, `<name>.log`, ...) that must fit NAME_MAX (255
+    bytes), and the API takes names of up to 253 characters: a longer name keeps its first 187 characters and
+    ends in "_" and 12 hex digits of a hash of namespace/name, 200 characters in all. "_" is allowed in neither
+    namespace nor object names, so names from different namespaces never clash, and a shortened name (two
+    "_") never equals a whole one (one "_").
+    """
+
+    max_length, digits = 200, 12
+    whole = f"{namespace}_{name}"
+    if len(whole) <= max_length:
+        return whole
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:digits]
+    return f"{whole[: max_length - digits - 1]}_{digest}"
 
 
 def _domain_name(vm: VirtualMachine) -> str:
@@ -316,7 +346,7 @@ def _observed(domain: Domain, status: VirtualMachineStatus) -> ObservedPowerStat
             return ObservedPowerState.CRASHED if domain.stop_cause is StopCause.CRASHED else ObservedPowerState.STOPPED
 
 
-def _active(status: VirtualMachineStatus) -> ShutdownRecord | None:
+def active_stop(status: VirtualMachineStatus) -> ShutdownRecord | None:
     record = status.shutdown
     return record if record is not None and record.outcome is None else None
 
@@ -353,7 +383,7 @@ def _finish_requested_stop(d: _Decision, record: ShutdownRecord, domain: Domain)
 
 
 def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: ShutdownPurpose) -> Plan:
-    record = _active(d.status)
+    record = active_stop(d.status)
     policy = shutdown.policy_for(spec.shutdown_policy, purpose)
     if domain.state is DomainState.STOPPED:
         if record is not None:
@@ -365,8 +395,8 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
 
     graceful = policy.mode is not ShutdownMode.FORCE
     if record is None:
-        if domain.state is DomainState.PAUSED and graceful:
-            return _resume_to_hear(d)
+        # Begun (and its deadline set) before anything else, a resume included: a guest that cannot be
+        # resumed or cannot hear (suspended, paused on an I/O error) is still forced at the deadline.
         record = shutdown.begin(policy, purpose, d.now)
         deadline = record.deadline
         assert deadline is not None
@@ -384,6 +414,7 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
 
     step = shutdown.next_step(policy, record, d.now)
     d.update(shutdown=step.record)
+    d.mark = shutdown.mark(step.record, policy)
     if domain.state is DomainState.PAUSED and step.kind is not shutdown.StepKind.FORCE:
         return _resume_to_hear(d)
     d.update(power_state=ObservedPowerState.SHUTTING_DOWN)
@@ -408,7 +439,7 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
 
 
 def _resume_to_hear(d: _Decision) -> Plan:
-    """A paused guest cannot hear a shutdown request; the grace period counts from the request, not from here."""
+    """A paused guest cannot hear a shutdown request; its deadline is already set and counts from the stop."""
     message = "resuming the paused guest so that it can hear the shutdown request"
     d.ready = ("False", "Resuming", message)
     d.event("Normal", "Resuming", message)
@@ -418,7 +449,7 @@ def _resume_to_hear(d: _Decision) -> Plan:
 def _run(
     d: _Decision, spec: VirtualMachineSpec, domain: Domain, target: PowerState, *, blocked: bool, restart: bool
 ) -> Plan:
-    record = _active(d.status)
+    record = active_stop(d.status)
     if domain.state in (DomainState.RUNNING, DomainState.PAUSED) and record is not None:
         assert record.purpose is not ShutdownPurpose.NONE
         d.update(shutdown=shutdown.complete(record, ShutdownOutcome.CANCELLED, d.now))
@@ -503,7 +534,7 @@ def _delete(d: _Decision, spec: VirtualMachineSpec, domain: Domain | None) -> Pl
         d.ready = ("False", "Deleting", "the domain is undefined")
         return d.plan(Action(ActionKind.REMOVE_FINALIZER) if d.vm.has_finalizer else None)
     if domain.state is DomainState.STOPPED:
-        record = _active(d.status)
+        record = active_stop(d.status)
         if record is not None:
             _finish_requested_stop(d, record, domain)
         d.ready = ("False", "Deleting", "undefining the domain (disks are kept)")
@@ -527,14 +558,22 @@ def unreachable(vm: VirtualMachine, error: str, now: datetime, settings: Setting
 
 def after_request(
     status: VirtualMachineStatus, *, method: str | None, refusals: str, now: datetime
-) -> tuple[VirtualMachineStatus, Event]:
-    """Record a shutdown request the shell sent, and say what happened: which method libvirt accepted."""
+) -> tuple[VirtualMachineStatus, tuple[Event, ...]]:
+    """Record a shutdown request the shell sent, and say what happened: which method libvirt accepted.
+
+    Resends are reported sparsely, at requests 2, 4, 8, 16, ...: a day-long grace with a 10 s interval
+    would otherwise post 8,640 Events (KubeVirt posts only the first). The status counts every one.
+    """
     assert status.shutdown is not None
     record = shutdown.record_attempt(status.shutdown, method=method, message=refusals, now=now)
+    new_status = status.model_copy(update={"shutdown": record})
     if method is None:
-        event = Event("Warning", "ShutdownRequestFailed", f"no method was accepted: {refusals}")
-    else:
-        reason = "ShutdownRequested" if record.attempts == 1 else "ShutdownRequestResent"
-        message = f"request {record.attempts} by {method}; deadline {_iso(record.deadline)}"
-        event = Event("Normal", reason, message + (f" (not by: {refusals})" if refusals else ""))
-    return status.model_copy(update={"shutdown": record}), event
+        return new_status, (Event("Warning", "ShutdownRequestFailed", f"no method was accepted: {refusals}"),)
+    attempts = record.attempts
+    if attempts > 1 and attempts & (attempts - 1):
+        return new_status, ()
+    reason = "ShutdownRequested" if attempts == 1 else "ShutdownRequestResent"
+    message = f"request {attempts} by {method}; deadline {_iso(record.deadline)}"
+    if attempts > 1:
+        message += f" (resends are reported at requests 2, 4, 8, ...; the next at {attempts * 2})"
+    return new_status, (Event("Normal", reason, message + (f" (not by: {refusals})" if refusals else "")),)

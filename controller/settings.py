@@ -28,6 +28,12 @@ class Settings:
     libvirt_workers: int
     agent_timeout: float
     graceful_destroy_timeout: float
+    node_lock_file: Path
+    api_timeout: float
+
+
+# libvirt gives up a graceful destroy after 15 s without SIGKILL; the plain destroy must come before that.
+LIBVIRT_GRACEFUL_DESTROY_LIMIT = 15.0
 
 
 def _option(
@@ -133,8 +139,25 @@ def parser() -> argparse.ArgumentParser:
         p,
         "--graceful-destroy-timeout",
         "VMOP_GRACEFUL_DESTROY_TIMEOUT",
-        "at the deadline QEMU gets SIGTERM first; seconds before it is killed outright",
+        "at the deadline QEMU gets SIGTERM first; seconds before a plain destroy (SIGTERM again, SIGKILL 10 s "
+        f"later); below libvirt's own {LIBVIRT_GRACEFUL_DESTROY_LIMIT:.0f} s",
         default="5",
+        type=float,
+    )
+    _option(
+        p,
+        "--node-lock-file",
+        "VMOP_NODE_LOCK_FILE",
+        "a file on the node (a hostPath mount) that the active operator holds an exclusive flock on: a second "
+        "copy for the same node waits as a standby and takes over the instant the first exits or dies",
+        default="/var/run/vmop/node.lock",
+    )
+    _option(
+        p,
+        "--api-timeout",
+        "VMOP_API_TIMEOUT",
+        "seconds any one Kubernetes API request may take (status, finalizer, Event, list)",
+        default="10",
         type=float,
     )
     return p
@@ -153,9 +176,15 @@ def from_args(argv: Sequence[str] | None = None) -> Settings:
         (args.resync_seconds, "--resync-seconds"),
         (args.agent_timeout, "--agent-timeout"),
         (args.graceful_destroy_timeout, "--graceful-destroy-timeout"),
+        (args.api_timeout, "--api-timeout"),
     ):
         if value <= 0:
             p.error(f"{flag} must be positive")
+    if args.graceful_destroy_timeout >= LIBVIRT_GRACEFUL_DESTROY_LIMIT:
+        p.error(
+            f"--graceful-destroy-timeout must be below {LIBVIRT_GRACEFUL_DESTROY_LIMIT:.0f}: libvirt gives up a "
+            "graceful destroy then, and the plain destroy that sends SIGKILL would never be reached"
+        )
     return Settings(
         node_name=args.node_name,
         libvirt_uri=args.libvirt_uri,
@@ -174,4 +203,6 @@ def from_args(argv: Sequence[str] | None = None) -> Settings:
         libvirt_workers=args.libvirt_workers,
         agent_timeout=args.agent_timeout,
         graceful_destroy_timeout=args.graceful_destroy_timeout,
+        node_lock_file=Path(args.node_lock_file),
+        api_timeout=args.api_timeout,
     )

@@ -33,6 +33,20 @@ class StepKind(StrEnum):
 
 
 @dataclass(frozen=True)
+class ShutdownMark:
+    """The node's own copy of a stop under way, kept in the running domain's libvirt metadata.
+
+    Written before the first request, it lets the node force at the deadline while the API server cannot
+    be reached, and tells a restarted operator of a stop whose status write never landed.
+    """
+
+    purpose: ShutdownPurpose
+    requested_at: datetime
+    deadline: datetime
+    force: bool
+
+
+@dataclass(frozen=True)
 class Step:
     """The next step of one VM's shutdown."""
 
@@ -94,6 +108,29 @@ def next_step(policy: ShutdownPolicy, record: ShutdownRecord, now: datetime) -> 
         return Step(StepKind.REQUEST, record, methods=methods, overdue=overdue)
     wakes = [t for t in (next_retry, None if overdue else deadline) if t is not None]
     return Step(StepKind.WAIT, record, overdue=overdue, wake_at=min(wakes) if wakes else None)
+
+
+def mark(record: ShutdownRecord | None, policy: ShutdownPolicy) -> ShutdownMark | None:
+    """What the node keeps of a stop under way: enough to force at its deadline without the API server."""
+    if record is None or record.outcome is not None or record.requested_at is None or record.deadline is None:
+        return None
+    forcing = policy.mode is ShutdownMode.FORCE or policy.force_after_deadline
+    return ShutdownMark(record.purpose, record.requested_at, record.deadline, forcing)
+
+
+def adopt(record: ShutdownRecord | None, mark: ShutdownMark | None) -> ShutdownRecord | None:
+    """The status may lag the node: a stop begun while the status could not be written is the node's record.
+
+    The status wins for the same stop or a later one; of the same stop, the earlier deadline holds, since
+    a deadline may come forward but never goes back.
+    """
+    if mark is None:
+        return record
+    if record is not None and record.requested_at is not None and record.requested_at >= mark.requested_at:
+        if record.requested_at == mark.requested_at and record.outcome is None and record.deadline is not None:
+            return record.model_copy(update={"deadline": min(record.deadline, mark.deadline)})
+        return record
+    return ShutdownRecord(purpose=mark.purpose, requested_at=mark.requested_at, deadline=mark.deadline)
 
 
 def record_attempt(record: ShutdownRecord, *, method: str | None, message: str, now: datetime) -> ShutdownRecord:

@@ -54,6 +54,9 @@ class OperatorProcess:
         self.log_path = log_path
         self.extra_args = extra_args
         self.metrics_port, self.health_port = free_ports(2)
+        # One lock per simulated node, shared by every operator started for it: the bed's stand-in for the
+        # host directory the DaemonSet mounts (inside the libvirt host's work directory, gone with it).
+        self.lock_file = libvirt.workdir / "node-locks" / f"{node_name}.lock"
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
@@ -68,17 +71,26 @@ class OperatorProcess:
             "--tcg-tb-cache-mib", "16",
             "--metrics-port", str(self.metrics_port),
             "--health-port", str(self.health_port),
+            "--node-lock-file", str(self.lock_file),
             "--log-format", "json",
             "--log-level", "DEBUG",
             *self.extra_args,
         ]  # fmt: skip
 
-    def start(self, timeout: float = 60.0) -> OperatorProcess:
+    def start(self, timeout: float = 60.0, *, standby: bool = False) -> OperatorProcess:
+        """Start and wait until it acts (healthy), or with standby=True until it waits for the node lock."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
             )
+        if standby:
+            wait_until(
+                lambda: self._alive() and self._lock_held() == 0,
+                timeout=timeout,
+                message=lambda: f"the operator did not wait as a standby; its log ends:\n{self.log_tail()}",
+            )
+            return self
         wait_until(
             self._healthy,
             timeout=timeout,
@@ -86,10 +98,25 @@ class OperatorProcess:
         )
         return self
 
-    def _healthy(self) -> bool:
+    def _alive(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.log_tail()}")
+        return True
+
+    def _lock_held(self) -> float | None:
+        try:
+            return self.metric("vmop_node_lock_held")
+        except OSError:
+            return None
+
+    @property
+    def acting(self) -> bool:
+        """It holds the node's lock (and so it is the one copy that acts for the node)."""
+        return self._lock_held() == 1
+
+    def _healthy(self) -> bool:
+        self._alive()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
                 return bool(response.status == 200)
@@ -117,6 +144,15 @@ class OperatorProcess:
         assert self.process is not None
         return self.process.pid
 
+    def pause(self) -> None:
+        """SIGSTOP: the operator hears nothing and does nothing until resume(), as on a frozen node."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: the operator gets no chance to clean up, as in a node's OOM kill."""
         if self.process is not None:
@@ -124,6 +160,7 @@ class OperatorProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused one could not hear SIGTERM
             terminate(self.process, timeout=timeout)
 
 
@@ -203,6 +240,12 @@ class Vms:
     def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         result = self.api.patch_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"
+        )
+        return cast(dict[str, Any], result)
+
+    def patch_json(self, name: str, operations: list[dict[str, Any]]) -> dict[str, Any]:
+        result = self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, operations, _content_type="application/json-patch+json"
         )
         return cast(dict[str, Any], result)
 

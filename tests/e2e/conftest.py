@@ -41,7 +41,7 @@ class Vmop:
     log_dir: Path
     operators: list[OperatorProcess] = field(default_factory=list)
 
-    def start_operator(self, *extra_args: str) -> OperatorProcess:
+    def start_operator(self, *extra_args: str, standby: bool = False) -> OperatorProcess:
         operator = OperatorProcess(
             kubeconfig=self.kubeconfig,
             node_name=self.node_name,
@@ -50,7 +50,7 @@ class Vmop:
             extra_args=extra_args,
         )
         self.operators.append(operator)
-        return operator.start()
+        return operator.start(standby=standby)
 
     @property
     def operator(self) -> OperatorProcess:

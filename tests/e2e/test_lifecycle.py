@@ -8,7 +8,7 @@ from typing import Any
 import libvirt
 
 from testbed.vmop import condition, parse_time
-from testbed.wait import holds_until, wait_until
+from testbed.wait import holds_until
 from tests.e2e.conftest import Vmop
 
 
@@ -36,7 +36,9 @@ def test_pause_and_resume(vmop: Vmop) -> None:
     vmop.vms.wait_events("sleepy", "Pausing", "Resuming")
 
 
-def test_stopping_a_paused_vm_resumes_it_so_that_the_guest_hears_the_request(vmop: Vmop) -> None:
+def test_stopping_a_paused_vm_sets_the_deadline_then_resumes_it_so_that_the_guest_hears_the_request(
+    vmop: Vmop,
+) -> None:
     vmop.start_operator()
     vmop.create("paused", power_state="Running", shutdown_policy={"gracePeriodSeconds": 60})
     vmop.wait_running("paused")
@@ -48,8 +50,9 @@ def test_stopping_a_paused_vm_resumes_it_so_that_the_guest_hears_the_request(vmo
         "paused", lambda b: (b["status"].get("shutdown") or {}).get("outcome"), timeout=60, what="the stop"
     )
     assert body["status"]["shutdown"]["outcome"] == "Graceful"
-    reasons = vmop.vms.wait_events("paused", "Pausing", "Resuming", "StopRequested")
-    assert reasons.index("Resuming", reasons.index("Pausing") + 1) < reasons.index("StopRequested")
+    reasons = vmop.vms.wait_events("paused", "Pausing", "StopRequested", "Resuming", "ShutdownRequested")
+    resumed = reasons.index("Resuming", reasons.index("Pausing") + 1)
+    assert reasons.index("StopRequested") < resumed < reasons.index("ShutdownRequested")
 
 
 def test_restart_by_annotation_stops_gracefully_then_starts_once(vmop: Vmop) -> None:
@@ -73,10 +76,13 @@ def test_restart_by_annotation_stops_gracefully_then_starts_once(vmop: Vmop) -> 
     assert second_id != first_id, "the guest was started again"
     vmop.libvirt.wait_guest_ready(vmop.domain_name("rolling"))
 
-    # The same value again is not a new request: nothing restarts.
+    # The same value again is not a new request: nothing restarts. The pause that follows is the evidence
+    # that the operator has read the object since the touch (it reads the newest object whole).
     vmop.vms.patch("rolling", {"metadata": {"labels": {"touched": "yes"}}})
-    wait_until(lambda: vmop.vms.get("rolling"), timeout=5, message="the VM vanished")
+    vmop.vms.patch_spec("rolling", powerState="Paused")
+    body = vmop.vms.wait("rolling", status_is("Paused"), timeout=30, what="the pause after the touch")
     assert vmop.domain("rolling").ID() == second_id
+    assert body["status"]["shutdown"] == record, "no second restart was begun"
 
 
 def test_outside_destroy_is_undone_under_always(vmop: Vmop) -> None:

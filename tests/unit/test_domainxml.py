@@ -1,12 +1,19 @@
-"""The domain definition: built from the model with a real XML library, carrying vmop's ownership mark."""
+"""The domain definition: built from the model with a real XML library, carrying vmop's ownership mark.
+
+Also the domain's name (controller.reconcile.domain_name), which names libvirt's files for the domain.
+"""
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from controller import domainxml
 from controller.api import DomainSpec
+from controller.reconcile import domain_name
 
 UID = "5f0c1d3e-0000-4000-8000-000000000001"
 
@@ -85,3 +92,70 @@ def test_parse_owner_reads_the_mark_libvirt_returns() -> None:
     assert domainxml.parse_owner(None) is None
     assert domainxml.parse_owner("<vm/>") is None
     assert domainxml.parse_owner("not xml <") is None
+
+
+def test_four_ide_disks_take_the_four_ide_units() -> None:
+    spec = DomainSpec.model_validate(
+        {"memoryMiB": 64, "disks": [{"path": f"/{i}.img", "bus": "ide"} for i in range(4)] + [{"path": "/v.img"}]}
+    )
+    targets = [(d.find("target").get("dev"), d.find("target").get("bus")) for d in build(spec).findall("devices/disk")]
+    assert targets == [("hda", "ide"), ("hdb", "ide"), ("hdc", "ide"), ("hdd", "ide"), ("vda", "virtio")]
+
+
+# The longest names the API takes: a namespace is a DNS label (63), an object name a DNS subdomain (253).
+LONGEST_NAMESPACE = "n" * 63
+LONGEST_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])
+NAME_MAX = 255
+
+
+def test_a_domain_name_that_fits_keeps_the_namespace_and_name() -> None:
+    assert domain_name("default", "web-1") == "default_web-1"
+    fits = "x" * (200 - len("ns_"))
+    assert domain_name("ns", fits) == f"ns_{fits}", "a name of exactly 200 characters is kept whole"
+
+
+def test_a_long_domain_name_is_shortened_readable_and_unique() -> None:
+    assert len(LONGEST_NAME) == 253
+    name = domain_name(LONGEST_NAMESPACE, LONGEST_NAME)
+    assert len(name) == 200
+    assert name.startswith(f"{LONGEST_NAMESPACE}_{LONGEST_NAME[:100]}"), "readable: namespace and name first"
+    assert re.fullmatch(r"[^_]+_[^_]+_[0-9a-f]{12}", name), name
+    assert name == domain_name(LONGEST_NAMESPACE, LONGEST_NAME), "stable across calls and restarts"
+    # Names that differ only past the cut, or only in where namespace ends and name begins, stay apart.
+    others = {
+        domain_name(LONGEST_NAMESPACE, LONGEST_NAME[:-1] + "c"),
+        domain_name(LONGEST_NAMESPACE, LONGEST_NAME[:-1]),
+        domain_name(LONGEST_NAMESPACE[:-1], "n" + LONGEST_NAME[:-1]),
+        domain_name("ns", "x" * 198),
+        domain_name("ns", "x" * 197),
+    }
+    assert len(others | {name}) == 6
+    # A whole name never takes the shape of a shortened one: it has one "_", a shortened one two, and no
+    # namespace or name can hold a "_". The closest a name can come is kept whole, and differs.
+    look_alike = name.split("_", 1)[1].replace("_", "-")
+    assert len(f"{LONGEST_NAMESPACE}_{look_alike}") == 200
+    assert domain_name(LONGEST_NAMESPACE, look_alike) == f"{LONGEST_NAMESPACE}_{look_alike}" != name
+
+
+@pytest.mark.parametrize(("namespace", "name"), [("ns", "vm"), ("ns", LONGEST_NAME), (LONGEST_NAMESPACE, LONGEST_NAME)])
+def test_every_file_libvirt_names_after_the_domain_fits_name_max(namespace: str, name: str) -> None:
+    domain = domain_name(namespace, name)
+    root = ET.fromstring(
+        domainxml.build(
+            name=domain,
+            namespace=namespace,
+            vm_name=name,
+            uid=UID,
+            spec=DomainSpec(memoryMiB=16),
+            host=domainxml.HostDefaults(console_log_dir=Path("/var/log/vmop")),
+        )
+    )
+    assert root.findtext("name") == domain
+    mark = root.find(f"metadata/{{{domainxml.METADATA_URI}}}vm")
+    assert mark is not None
+    assert (mark.get("namespace"), mark.get("name")) == (namespace, name), "the metadata keeps the whole name"
+    console = Path(root.find("devices/serial/source").get("path"))
+    # <name>.xml (config), <name>.log (QEMU log, console), with room to spare for the suffixes of libvirt's
+    # temporary files (<name>.xml.new and the like).
+    for file_name in (console.name, f"{domain}.xml", f"{domain}.log"):
+        assert len(file_name.encode()) <= NAME_MAX - 40, file_name

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
+
+import libvirt
+import pytest
 
 from controller import domainxml
-from controller.api import DomainSpec, ShutdownMethod
-from controller.hypervisor import Hypervisor
+from controller.api import DomainSpec, ShutdownMethod, ShutdownPurpose
+from controller.hypervisor import Hypervisor, is_connection_error
 from controller.reconcile import DomainState, StopCause
+from controller.shutdown import ShutdownMark
+from tests.unit.clock import T0
 
 
 def test_adapter_on_the_test_driver() -> None:
@@ -25,9 +31,8 @@ def test_adapter_on_the_test_driver() -> None:
             events.append(name)
             event_seen.set()
 
-        hypervisor = Hypervisor(
-            "test:///default", on_domain_event=domain_event, on_connection_change=lambda up: up and connected.set()
-        )
+        hypervisor = Hypervisor("test:///default")
+        hypervisor.listen(on_domain_event=domain_event, on_connection_change=lambda up: up and connected.set())
         await hypervisor.open()
         try:
             await asyncio.wait_for(connected.wait(), timeout=5)
@@ -37,26 +42,36 @@ def test_adapter_on_the_test_driver() -> None:
             host = domainxml.HostDefaults(virt_type="test")
             xml = domainxml.build(name=name, namespace="ns", vm_name=uid[:8], uid=uid, spec=spec, host=host)
             await hypervisor.define(xml)
-            await hypervisor.start_domain(name)
+            await hypervisor.start_domain(uid)
             running = await hypervisor.observe(name)
             assert running is not None
             assert (running.state, running.owner_uid, running.uuid) == (DomainState.RUNNING, uid, uid)
             assert running.spec_hash == domainxml.spec_hash(spec, host)
+            assert running.shutdown_mark is None
+
+            mark = ShutdownMark(ShutdownPurpose.STOP, T0, T0 + timedelta(seconds=30, microseconds=7), force=True)
+            await hypervisor.set_shutdown_mark(uid, mark)
+            marked = await hypervisor.observe(name)
+            assert marked is not None
+            assert marked.shutdown_mark == mark, "the mark reads back to the microsecond"
+            assert await hypervisor.shutdown_marks() == [(uid, name, mark)]
+            await hypervisor.set_shutdown_mark(uid, None)
+            assert await hypervisor.shutdown_marks() == []
             await asyncio.wait_for(event_seen.wait(), timeout=5)
             assert name in events, "the lifecycle event names the domain"
 
-            method, refusals = await hypervisor.request_shutdown(name, (ShutdownMethod.AGENT, ShutdownMethod.ACPI))
+            method, refusals = await hypervisor.request_shutdown(uid, (ShutdownMethod.AGENT, ShutdownMethod.ACPI))
             assert method is None
             assert refusals.startswith("Agent: ")
             assert "; ACPI: " in refusals
 
-            await hypervisor.force_off(name)
+            await hypervisor.force_off(uid)
             stopped = await hypervisor.observe(name)
             assert stopped is not None
             assert (stopped.state, stopped.stop_cause) == (DomainState.STOPPED, StopCause.DESTROYED)
-            await hypervisor.force_off(name)  # already off: not an error
+            await hypervisor.force_off(uid)  # already off: not an error
 
-            await hypervisor.undefine(name)
+            await hypervisor.undefine(uid)
             assert await hypervisor.observe(name) is None
 
             foreign = await hypervisor.observe("test")  # the driver's own domain carries no vmop mark
@@ -66,3 +81,42 @@ def test_adapter_on_the_test_driver() -> None:
             await hypervisor.close()
 
     asyncio.run(scenario())
+
+
+class _Conn:
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+
+    def isAlive(self) -> bool:  # libvirt's name
+        if self.alive is None:
+            raise libvirt.libvirtError("invalid connection pointer in virConnectIsAlive")
+        return self.alive
+
+
+def _error(code: int, domain: int) -> libvirt.libvirtError:
+    error = libvirt.libvirtError("test")
+    error.err = (code, domain, "test", 2, None, None, None, 0, 0)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("code", "domain", "alive", "connection"),
+    [
+        # Per-domain failures libvirt reports as system errors: that VM's, not the node's.
+        (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU, True, False),  # QEMU that SIGKILL cannot end
+        (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_NONE, True, False),  # name too long for a file
+        (libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_QEMU, True, False),  # a bridge that does not exist
+        (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_DOMAIN, True, False),
+        # The connection itself.
+        (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, True, True),  # the socket broke
+        (libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_REMOTE, True, True),
+        (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_FROM_NONE, True, True),
+        (libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_FROM_NONE, True, True),
+        (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU, False, True),  # and the connection is dead
+        (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU, None, True),  # closed under us
+    ],
+)
+def test_connection_failures_are_told_from_request_failures(
+    code: int, domain: int, alive: bool | None, connection: bool
+) -> None:
+    assert is_connection_error(_error(code, domain), _Conn(alive)) is connection  # type: ignore[arg-type]

@@ -117,7 +117,7 @@ class World:
             assert status.shutdown.deadline is not None, "the deadline is written before the request is sent"
             status, sent = after_request(status, method=plan.action.methods[0].value, refusals="", now=self.now)
             self.events.extend(kinds(plan))
-            self.events.append((sent.type, sent.reason))
+            self.events.extend((event.type, event.reason) for event in sent)
         else:
             self.events.extend(kinds(plan))
         self.vm = replace(self.vm, status=status)
@@ -410,7 +410,7 @@ def test_stubborn_guest_gets_resends_then_is_forced_exactly_at_the_deadline() ->
     assert [e for e in w.events if e[0] == "Normal"] == [
         ("Normal", "StopRequested"),
         ("Normal", "ShutdownRequested"),
-    ] + [("Normal", "ShutdownRequestResent")] * 3
+    ] + [("Normal", "ShutdownRequestResent")] * 2  # requests 2 and 4; request 3 is counted, not posted
     record = w.status.shutdown
     assert record is not None
     assert record.attempts == 4
@@ -634,22 +634,44 @@ def test_a_guest_that_powers_off_anyway_after_a_cancelled_stop_is_started_again(
     assert A.FORCE_OFF not in [k for k, _ in w.actions]
 
 
-def test_stopping_a_paused_vm_resumes_it_first_and_the_grace_period_counts_from_the_request() -> None:
+def test_stopping_a_paused_vm_sets_the_deadline_before_it_resumes_the_guest() -> None:
     w = running(make_spec(PAUSED, grace_period_seconds=60))
     w.settle()
     w.edit(power_state=STOPPED)
     plan = w.step()
     assert plan.action is not None
     assert plan.action.kind is A.RESUME
-    assert plan.status.shutdown is None  # no record, no deadline yet
+    assert plan.status.shutdown is not None, "the stop is recorded before the resume"
+    assert plan.status.shutdown.deadline == T0 + s(60)
+    assert plan.shutdown_mark is not None
+    assert plan.shutdown_mark.deadline == T0 + s(60)
     assert cond(plan.status, "Ready") == ("False", "Resuming")
     w.advance(s(4))
     plan = w.step()
     assert plan.action is not None
     assert plan.action.kind is A.REQUEST_SHUTDOWN
     assert plan.status.shutdown is not None
-    assert plan.status.shutdown.requested_at == T0 + s(4)
-    assert plan.status.shutdown.deadline == T0 + s(64)
+    assert plan.status.shutdown.requested_at == T0
+    assert plan.status.shutdown.deadline == T0 + s(60), "the resume does not move the deadline"
+
+
+def test_a_paused_guest_that_pauses_again_is_forced_at_the_deadline() -> None:
+    """A guest paused on an I/O error pauses again at once when resumed: the deadline still forces it."""
+    w = running(make_spec(PAUSED, grace_period_seconds=60))
+    w.settle()
+    w.edit(power_state=STOPPED)
+
+    def step_and_pause_again() -> ActionKind | None:
+        plan = w.step()
+        assert w.domain is not None
+        w.domain = replace(w.domain, state=DomainState.PAUSED)
+        return plan.action.kind if plan.action else None
+
+    assert step_and_pause_again() is A.RESUME
+    w.advance(s(60) - US)
+    assert step_and_pause_again() is A.RESUME
+    w.advance(US)
+    assert step_and_pause_again() is A.FORCE_OFF
 
 
 def test_stopping_a_paused_vm_with_mode_force_does_not_resume() -> None:
@@ -973,9 +995,44 @@ def test_a_request_no_method_accepted_is_counted_and_warned() -> None:
     plan = w.decide()
     assert plan.action is not None
     assert plan.action.kind is A.REQUEST_SHUTDOWN
-    status, event = after_request(plan.status, method=None, refusals="ACPI: unsupported", now=w.now)
+    status, (event,) = after_request(plan.status, method=None, refusals="ACPI: unsupported", now=w.now)
     assert status.shutdown is not None
     assert status.shutdown.attempts == 1
     assert status.shutdown.recent_attempts[-1].method == "None"
     assert (event.type, event.reason) == ("Warning", "ShutdownRequestFailed")
     assert "ACPI: unsupported" in event.message
+
+
+@pytest.mark.parametrize(
+    ("policy", "cause", "started"),
+    [
+        (RestartPolicy.NEVER, StopCause.SHUTDOWN, False),
+        (RestartPolicy.NEVER, StopCause.CRASHED, False),
+        (RestartPolicy.ON_FAILURE, StopCause.SHUTDOWN, False),
+        (RestartPolicy.ON_FAILURE, StopCause.CRASHED, True),
+        (RestartPolicy.ALWAYS, StopCause.SHUTDOWN, True),
+    ],
+)
+def test_a_stop_during_a_libvirt_outage_is_judged_by_restart_policy(
+    policy: RestartPolicy, cause: StopCause, started: bool
+) -> None:
+    """Unknown is not gone, nor "was off": a guest that stopped while libvirt was unreachable is judged."""
+    w = running(make_spec(restart=policy))
+    w.vm = replace(w.vm, status=unreachable(w.vm, "connection refused", w.now + s(1)).status)
+    w.stops(cause)
+    w.advance(s(5))
+    actions = w.settle()
+    assert (A.START in actions) is started
+    assert w.status.shutdown is not None
+    assert w.status.shutdown.purpose is ShutdownPurpose.NONE
+    assert w.status.shutdown.outcome is not ShutdownOutcome.CANCELLED
+
+
+def test_resends_are_reported_at_powers_of_two_and_all_counted() -> None:
+    w = stopping(make_spec(grace_period_seconds=3600, retry_interval_seconds=1))
+    w.run_until(w.now + s(100))
+    assert w.status.shutdown is not None
+    assert w.status.shutdown.attempts == 101
+    resent = [reason for _, reason in w.events if reason == "ShutdownRequestResent"]
+    assert len(resent) == 6  # requests 2, 4, 8, 16, 32 and 64
+    assert [reason for _, reason in w.events].count("ShutdownRequested") == 1

@@ -1,0 +1,338 @@
+"""The operator's shell under faults: the force lands at its deadline whatever the API server and libvirt do.
+
+The real Operator, VmWorker, StatusWriter and Backstop run on looptime's fake loop clock against the
+in-memory fakes of tests/unit/shellfakes.py. Force times are asserted against the deadline on the
+operator's own clock, to the millisecond (the fakes answer instantly, so anything later is the shell's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from controller.api import ShutdownPurpose
+from controller.clock import Clock
+from controller.metrics import Metrics
+from controller.operator import Operator
+from controller.reconcile import DomainState, StopCause
+from controller.settings import from_args
+from controller.shutdown import ShutdownMark
+from tests.unit.shellfakes import FakeEvents, FakeHypervisor, FakeKube, FakeWall, run_on_fake_time, until
+
+MS = timedelta(milliseconds=1)
+
+
+class Env:
+    """One node's operator with fake neighbours; VMs are firmware-only (no paths to allow)."""
+
+    def __init__(self, *, resync: float = 300.0, libvirt_up: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self.wall = FakeWall()
+        self.wall.loop_time = loop.time
+        self.clock = Clock(wall=self.wall.time, monotonic=loop.time)
+        self.hyp = FakeHypervisor(self.clock, down=not libvirt_up)
+        self.kube = FakeKube()
+        self.events = FakeEvents()
+        settings = from_args(
+            ["--node-name", "node-a", "--libvirt-uri", "test:///default", "--resync-seconds", str(resync)]
+        )
+        self.op = Operator(
+            settings, kube=self.kube, hypervisor=self.hyp, events=self.events, metrics=Metrics(), clock=self.clock
+        )  # type: ignore[arg-type]
+
+    def add(self, name: str, *, power: str = "Running", **policy: Any) -> None:
+        spec = {"nodeName": "node-a", "powerState": power, "shutdownPolicy": policy, "domain": {"memoryMiB": 64}}
+        self.op.object_event("ADDED", self.kube.create(name, spec))
+
+    def edit(self, name: str, **spec: Any) -> None:
+        self.op.object_event("MODIFIED", self.kube.edit(name, **spec))
+
+    def edit_policy(self, name: str, **policy: Any) -> None:
+        current = dict(self.kube.objects["ns", name]["spec"]["shutdownPolicy"])
+        self.edit(name, shutdownPolicy={**current, **policy})
+
+    def domain(self, name: str) -> Any:
+        return self.hyp.domains.get(f"ns_{name}")
+
+    def state(self, name: str) -> DomainState | None:
+        domain = self.domain(name)
+        return domain.state if domain else None
+
+    def requests(self, name: str) -> list[datetime]:
+        return [at for uuid, at in self.hyp.requests if uuid == f"uid-{name}"]
+
+    def shutdown(self, name: str) -> dict[str, Any]:
+        return dict(self.kube.status(name).get("shutdown") or {})
+
+    async def running(self, name: str, **kwargs: Any) -> None:
+        self.add(name, **kwargs)
+        await until(lambda: self.kube.status(name).get("powerState") == "Running", what=f"{name} Running")
+
+
+def scenario(body: Callable[[], Any]) -> None:
+    run_on_fake_time(body)
+
+
+@pytest.mark.parametrize("mode", ["ok", "hang", "refuse", "down"])
+def test_the_force_lands_at_the_deadline_whatever_the_api_server_does(mode: str) -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=10, retryIntervalSeconds=2)
+        env.kube.mode = mode
+        env.edit("web", powerState="Stopped")
+        await until(lambda: "uid-web" in env.hyp.forced, what="the force")
+        first = env.requests("web")[0]
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - (first + timedelta(seconds=10)) < MS
+        assert [(at - first).total_seconds() for at in env.requests("web")] == [0, 2, 4, 6, 8], "resent on time"
+        env.kube.mode = "ok"
+        await until(lambda: env.shutdown("web").get("outcome") == "Forced", within=30, what="the report")
+        record = env.shutdown("web")
+        assert datetime.fromisoformat(record["deadline"]) == first + timedelta(seconds=10)
+        assert env.events.reasons("web").count("ForcedOff") == 1
+        await env.op.stop()
+
+    scenario(run)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"gracePeriodSeconds": 4}, lambda first, edited: first + timedelta(seconds=4)),
+        ({"mode": "Force"}, lambda first, edited: edited),
+    ],
+    ids=["lowered-grace", "mode-force"],
+)
+def test_a_deadline_brought_forward_is_kept_while_the_api_server_hangs(
+    edit: dict[str, Any], expected: Callable[[datetime, datetime], datetime]
+) -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=60, retryIntervalSeconds=0)
+        env.kube.mode = "hang"
+        env.edit("web", powerState="Stopped")
+        await until(lambda: env.requests("web"), what="the first request")
+        first = env.requests("web")[0]
+        await asyncio.sleep(3)
+        edited = env.clock.now()
+        env.edit_policy("web", **edit)
+        await until(lambda: "uid-web" in env.hyp.forced, what="the force")
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - expected(first, edited) < MS
+        await env.op.stop()
+
+    scenario(run)
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0], ids=["forward-1h", "back-1h"])
+def test_a_wall_clock_step_neither_forces_early_nor_late(step: float) -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=10, retryIntervalSeconds=0)
+        env.edit("web", powerState="Stopped")
+        await until(lambda: env.requests("web"), what="the first request")
+        await asyncio.sleep(1)
+        env.wall.offset += step  # the node syncs its clock
+        await until(lambda: "uid-web" in env.hyp.forced, what="the force")
+        forced_after = env.hyp.forced["uid-web"] - env.requests("web")[0]
+        assert timedelta(seconds=10) <= forced_after < timedelta(seconds=10) + MS, "after its grace, not an hour off"
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_clock_reads_the_wall_once_and_then_counts_monotonic_time() -> None:
+    wall, mono = [1_800_000_000.0], [50.0]
+    clock = Clock(wall=lambda: wall[0], monotonic=lambda: mono[0])
+    start = clock.now()
+    wall[0] += 3600
+    mono[0] += 2.5
+    assert clock.now() - start == timedelta(seconds=2.5)
+
+
+def test_a_neighbours_libvirt_failures_stay_its_own() -> None:
+    """A bridge that does not exist: libvirt says "system error" for that domain alone."""
+
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=5, retryIntervalSeconds=1)
+        env.hyp.broken["ns_bad"] = "Cannot get interface MTU on 'nosuchbr0': No such device"
+        env.add("bad")
+        env.edit("web", powerState="Stopped")
+        await until(lambda: "uid-web" in env.hyp.forced, what="the neighbour's force")
+        first = env.requests("web")[0]
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - (first + timedelta(seconds=5)) < MS
+        await until(lambda: env.shutdown("web").get("outcome") == "Forced", within=10, what="the report")
+        web_states = [s.get("powerState") for key, s in env.kube.status_writes if key == ("ns", "web")]
+        assert "Unknown" not in web_states
+        assert "HypervisorUnreachable" not in env.events.reasons("web")
+        assert "ActionFailed" in env.events.reasons("bad")
+        assert env.hyp.connected, "nobody disconnected"
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_force_that_fails_is_retried_every_second_past_the_deadline() -> None:
+    """A QEMU in uninterruptible sleep: destroy fails for that domain until it can be killed."""
+
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=5, retryIntervalSeconds=0)
+        env.edit("web", powerState="Stopped")
+        await until(lambda: env.requests("web"), what="the first request")
+        env.hyp.broken["uid-web"] = "Failed to terminate process 4242 with SIGKILL: Device or resource busy"
+        await asyncio.sleep(60)  # the errors' backoff grows, but not past a second once the deadline passed
+        del env.hyp.broken["uid-web"]
+        fixed = env.clock.now()
+        await until(lambda: "uid-web" in env.hyp.forced, what="the force")
+        assert env.hyp.forced["uid-web"] - fixed <= timedelta(seconds=1)
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_the_backstop_forces_from_the_domain_mark_while_the_api_server_is_down() -> None:
+    """A restarted operator, the API server down: only libvirt knows of the stop, and that is enough."""
+
+    async def run() -> None:
+        env = Env()
+        env.kube.mode = "down"
+        env.kube.create(
+            "web",
+            {
+                "nodeName": "node-a",
+                "powerState": "Stopped",
+                "shutdownPolicy": {"gracePeriodSeconds": 30},
+                "domain": {"memoryMiB": 64},
+            },
+        )
+        now = env.clock.now()
+        domain = env.hyp.running("ns_web", uid="uid-web", spec_hash=None)
+        domain.mark = ShutdownMark(ShutdownPurpose.STOP, now - timedelta(seconds=25), now + timedelta(seconds=5), True)
+        await env.op.start()  # kopf lists nothing: no object_event
+        await until(lambda: "uid-web" in env.hyp.forced, what="the backstop's force")
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - (now + timedelta(seconds=5)) < MS
+
+        env.kube.mode = "ok"  # back: kopf lists the object, whose status knows nothing of the stop
+        env.op.object_event(None, await env.kube.get("ns", "web"))
+        await until(lambda: env.shutdown("web").get("outcome") == "Forced", within=10, what="the report")
+        record = env.shutdown("web")
+        assert datetime.fromisoformat(record["deadline"]) == now + timedelta(seconds=5)
+        assert datetime.fromisoformat(record["completedAt"]) == env.hyp.forced["uid-web"]
+        assert "ForcedOff" in env.events.reasons("web")
+        assert domain.starts == 0
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_worker_that_exists_first_takes_the_stop_over_from_the_backstop() -> None:
+    async def run() -> None:
+        env = Env()
+        env.kube.create(
+            "web",
+            {
+                "nodeName": "node-a",
+                "powerState": "Stopped",
+                "shutdownPolicy": {"gracePeriodSeconds": 30},
+                "domain": {"memoryMiB": 64},
+            },
+        )
+        now = env.clock.now()
+        domain = env.hyp.running("ns_web", uid="uid-web", spec_hash=None)
+        deadline = now + timedelta(seconds=5)
+        domain.mark = ShutdownMark(ShutdownPurpose.STOP, now - timedelta(seconds=25), deadline, True)
+        await env.op.start()
+        env.op.object_event(None, await env.kube.get("ns", "web"))
+        await until(lambda: "uid-web" in env.hyp.forced, what="the force")
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - deadline < MS, "the status lacked it; the mark kept it"
+        await until(lambda: env.shutdown("web").get("outcome") == "Forced", within=10, what="the report")
+        assert datetime.fromisoformat(env.shutdown("web")["requestedAt"]) == now - timedelta(seconds=25)
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_the_stop_is_kept_in_the_domain_before_the_first_request() -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=10, retryIntervalSeconds=0)
+        env.kube.mode = "hang"
+        marks_at_request: list[ShutdownMark | None] = []
+        request = env.hyp.request_shutdown
+
+        async def spy(uuid: str, methods: tuple[Any, ...]) -> tuple[str | None, str]:
+            marks_at_request.append(env.hyp.by_uuid(uuid).mark)
+            return await request(uuid, methods)
+
+        env.hyp.request_shutdown = spy  # type: ignore[method-assign]
+        env.edit("web", powerState="Stopped")
+        await until(lambda: marks_at_request, what="the request")
+        mark = marks_at_request[0]
+        assert mark is not None
+        assert mark.force
+        assert mark.deadline == env.requests("web")[0] + timedelta(seconds=10)
+        env.edit("web", powerState="Running")  # cancelled: the mark goes
+        await until(lambda: env.domain("web").mark is None, within=5, what="the mark dropped")
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_lost_race_is_decided_again_on_fresh_state() -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=0)
+        env.kube.edit("web", powerState="Stopped")  # the watch has not delivered it yet
+        env.kube.conflicts = 1
+        env.hyp.stop(env.domain("web"), StopCause.SHUTDOWN)  # decided on the old spec: started again
+        await until(lambda: env.kube.status("web").get("powerState") == "Stopped", within=10, what="the status")
+        assert env.state("web") is DomainState.STOPPED, "the edit was seen through the conflict, and acted on"
+        assert env.kube.objects["ns", "web"]["status"]["observedGeneration"] == 2
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_nothing_is_reported_before_libvirt_has_answered_once() -> None:
+    async def run() -> None:
+        env = Env(libvirt_up=False)
+        await env.op.start()
+        env.add("web")
+        await asyncio.sleep(30)
+        assert env.kube.status_writes == []
+        assert env.events.posted == []
+        env.hyp.connect()
+        await until(lambda: env.kube.status("web").get("powerState") == "Running", within=10, what="Running")
+        assert all(s.get("powerState") != "Unknown" for _, s in env.kube.status_writes)
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_vm_gone_unheard_is_dropped_at_the_relist_and_its_domain_never_restarted() -> None:
+    async def run() -> None:
+        env = Env(resync=5)
+        await env.op.start()
+        await env.running("web")
+        await env.running("kept")
+        env.kube.vanish("web")  # deleted (finalizer removed by hand) while the watch was cut
+        await until(lambda: ("ns", "web") not in env.op.workers, within=15, what="the worker dropped")
+        assert ("ns", "kept") in env.op.workers
+        starts = env.domain("web").starts
+        env.hyp.stop(env.domain("web"), StopCause.SHUTDOWN)
+        await asyncio.sleep(30)
+        assert env.domain("web").starts == starts, "an orphan is never restarted"
+        await env.op.stop()
+
+    scenario(run)
