@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "vmop.dev"
@@ -37,8 +37,20 @@ _IDE_DISKS_MESSAGE = f"at most {MAX_IDE_DISKS} disks on bus ide (the machine has
 _NO_CONTROL = r"[^\x00-\x1F\x7F]"
 ABSOLUTE_PATH_PATTERN = f"^/{_NO_CONTROL}*$"
 TEXT_PATTERN = f"^{_NO_CONTROL}*$"
-# Six octets; the first one's least significant bit (the group bit) clear: libvirt refuses a multicast MAC.
-UNICAST_MAC_PATTERN = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"
+MAC_PATTERN = r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$"
+# The first octet's least significant bit (the group bit) clear: libvirt refuses a multicast MAC. A rule of
+# its own, not part of the pattern, so that the API server's refusal says so in words, not as a regex.
+UNICAST_MAC_RULE = "self.matches('^[0-9a-fA-F][02468aceACE]')"
+UNICAST_MAC_MESSAGE = (
+    "must be a unicast MAC address: the first octet must be even (01:..., 33:... and ff:ff:ff:ff:ff:ff are "
+    "multicast or broadcast, and libvirt refuses them); 52:54:00:xx:xx:xx is the usual choice"
+)
+
+
+def _unicast(value: str | None) -> str | None:
+    if value is not None and int(value[:2], 16) & 1:
+        raise ValueError(UNICAST_MAC_MESSAGE)
+    return value
 
 
 class _Model(BaseModel):
@@ -184,9 +196,11 @@ class Interface(_Model):
     model: str = Field(
         "virtio", pattern=r"^[a-z0-9_-]{1,32}$", description="The NIC model the guest sees (e.g. virtio, e1000)."
     )
-    mac_address: str | None = Field(
+    mac_address: Annotated[str | None, AfterValidator(_unicast)] = Field(
         None,
-        pattern=UNICAST_MAC_PATTERN,
+        max_length=17,
+        pattern=MAC_PATTERN,
+        json_schema_extra=_validations((UNICAST_MAC_RULE, UNICAST_MAC_MESSAGE)),
         description=(
             "A fixed unicast MAC address, such as 52:54:00:12:34:56 (the first octet even: libvirt refuses a "
             "multicast address); libvirt chooses one if unset."
@@ -342,6 +356,16 @@ class VirtualMachineStatus(_Model):
     domain_name: str | None = Field(None, description="The libvirt domain's name.")
     domain_uuid: str | None = Field(None, alias="domainUUID", description="The libvirt domain's UUID.")
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
+    started_at: datetime | None = Field(None, description="When vmop last started the domain.")
+    restarts: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Starts in a row after stops nobody asked for (a crash, the guest's own power-off, an outside "
+            "destroy) under restartPolicy. From the second on, each waits longer (10 s, doubling, at most 5 "
+            "min; Ready says CrashLoopBackOff meanwhile); a guest that runs for 60 s starts the count again."
+        ),
+    )
     restarted_at: str | None = Field(
         None, description="The value of the vmop.dev/restartedAt annotation whose restart was last carried out."
     )
@@ -357,3 +381,45 @@ class VirtualMachineStatus(_Model):
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
+
+
+def read_status(raw: dict[str, Any]) -> tuple[VirtualMachineStatus, list[str]]:
+    """The status as far as it can be read, and the fields that could not be.
+
+    The status is vmop's own, but one written by a newer version (an enum value this one does not know,
+    after a downgrade) must not be wiped: it holds the deadline of a stop under way, and a stop begun
+    again would be forced later. Each field is kept if it reads. Of a stop record that does not read, an
+    unfinished one keeps what says when to force it; a finished one is dropped, as nothing of it is
+    needed any more (libvirt shows the domain's state).
+    """
+    try:
+        return VirtualMachineStatus.model_validate(raw), []
+    except ValidationError:
+        pass
+    kept: dict[str, Any] = {}
+    lost: list[str] = []
+    for key, value in raw.items():
+        try:
+            VirtualMachineStatus.model_validate({key: value})
+        except ValidationError:
+            lost.append(key)
+            record = _unfinished_stop(value) if key == "shutdown" else None
+            if record is not None:
+                kept[key] = record
+            continue
+        kept[key] = value
+    return VirtualMachineStatus.model_validate(kept), lost
+
+
+def _unfinished_stop(raw: object) -> dict[str, Any] | None:
+    if not isinstance(raw, dict) or raw.get("outcome") is not None:
+        return None
+    purpose = raw.get("purpose") if raw.get("purpose") in set(ShutdownPurpose) else ShutdownPurpose.STOP.value
+    readable: dict[str, Any] = {"purpose": purpose}
+    for key, value in raw.items():
+        try:
+            ShutdownRecord.model_validate({"purpose": purpose, key: value})
+        except ValidationError:
+            continue
+        readable[key] = value
+    return readable if "requestedAt" in readable and "deadline" in readable else None

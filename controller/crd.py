@@ -70,6 +70,8 @@ def crd_manifest() -> dict[str, Any]:
             {"name": "Desired", "type": "string", "jsonPath": ".spec.powerState"},
             {"name": "Actual", "type": "string", "jsonPath": ".status.powerState"},
             {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+            {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
+            {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "schema": {

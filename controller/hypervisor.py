@@ -49,6 +49,9 @@ def start_libvirt_event_loop() -> None:
 
     Public because any process that listens to libvirt needs exactly this (the benchmarks do too)."""
     libvirt.virEventRegisterDefaultImpl()
+    # libvirt prints every error to stderr unless told otherwise; each one reaches the adapter as an
+    # exception, and an expected one (a domain not defined yet, no shutdown mark) is not worth a line.
+    libvirt.registerErrorHandler(lambda _ctx, _error: None, None)
 
     def run() -> None:
         while True:
@@ -107,8 +110,10 @@ def _metadata(domain: Any, uri: str, flags: int) -> str | None:
 
 def _state(domain: Any) -> tuple[DomainState, StopCause | None]:
     state, reason = domain.state()
-    if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
+    if state == libvirt.VIR_DOMAIN_PAUSED:
         return DomainState.PAUSED, None
+    if state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+        return DomainState.SUSPENDED, None
     if state == libvirt.VIR_DOMAIN_SHUTDOWN:
         return DomainState.SHUTTING_DOWN, None
     if state == libvirt.VIR_DOMAIN_SHUTOFF:
@@ -249,6 +254,11 @@ class Hypervisor:
             raise HypervisorUnavailable(f"libvirt at {self.uri} is not connected")
         try:
             return await self._run(fn, conn)
+        except UnicodeDecodeError as error:
+            # libvirt-python raises this instead of libvirtError when libvirt's message is not UTF-8 (a
+            # path or a QEMU message in another encoding): still that request's failure, with what is legible.
+            text = error.object.decode("utf-8", errors="replace") if isinstance(error.object, bytes) else ""
+            raise HypervisorError(f"{what}: {text or 'libvirt failed with a message that is not UTF-8'}") from error
         except libvirt.libvirtError as error:
             if not is_connection_error(error, conn):
                 raise HypervisorError(f"{what}: {error}") from error
@@ -338,6 +348,10 @@ class Hypervisor:
 
     async def resume(self, uuid: str) -> None:
         await self._call(f"resuming {uuid}", lambda conn: _lookup(conn, uuid).resume())
+
+    async def wake_up(self, uuid: str) -> None:
+        """A guest suspended to RAM: resume cannot reach it, a wake-up event (pMWakeup) does."""
+        await self._call(f"waking up {uuid}", lambda conn: _lookup(conn, uuid).pMWakeup(0))
 
     async def undefine(self, uuid: str) -> None:
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA

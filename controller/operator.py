@@ -16,8 +16,8 @@ import contextlib
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
@@ -34,6 +34,7 @@ from controller.api import (
     ShutdownRecord,
     VirtualMachineSpec,
     VirtualMachineStatus,
+    read_status,
 )
 from controller.backstop import Backstop
 from controller.clock import Clock
@@ -49,6 +50,7 @@ from controller.reconcile import (
     Domain,
     DomainState,
     Event,
+    Failure,
     Plan,
     VirtualMachine,
     active_stop,
@@ -66,11 +68,29 @@ Key = tuple[str, str]
 _MAX_BACKOFF = 60.0
 # Past a deadline whose force failed, it is tried again this often, whatever the backoff says.
 _OVERDUE_RETRY = 1.0
-_WATCH_BACKOFFS = (0.5, 1.0, 1.0, 2.0)
 
 
-def read_vm(body: dict[str, Any]) -> VirtualMachine:
-    """The core's view of a VirtualMachine object; an unreadable spec is reported, never raised."""
+class _RetryForever:
+    """kopf's backoffs between retries of its own requests, without an end.
+
+    kopf gives up a request after its last backoff, and a failed resource discovery stops the whole
+    operator: one that starts while the API server is down would exit, backstop and all, and take its
+    node's deadlines with it. An unsized iterable is retried without end (2 s apart, so that the first
+    list comes within seconds of the API server's return).
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        yield 0.5
+        yield 1.0
+        while True:
+            yield 2.0
+
+
+def read_vm(body: dict[str, Any], status: VirtualMachineStatus) -> VirtualMachine:
+    """The core's view of a VirtualMachine object; an unreadable spec is reported, never raised.
+
+    The status is the worker's own (read once from the object when the worker starts, see read_status).
+    """
     meta = body["metadata"]
     spec: VirtualMachineSpec | None = None
     error: str | None = None
@@ -78,12 +98,6 @@ def read_vm(body: dict[str, Any]) -> VirtualMachine:
         spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
     except pydantic.ValidationError as exc:
         error = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    try:
-        status = VirtualMachineStatus.model_validate(body.get("status") or {})
-    except pydantic.ValidationError:
-        # The status is the operator's own; one it cannot read is rebuilt from what libvirt shows.
-        logger.exception("unreadable status of %s/%s; starting from an empty one", meta["namespace"], meta["name"])
-        status = VirtualMachineStatus()
     return VirtualMachine(
         namespace=meta["namespace"],
         name=meta["name"],
@@ -117,18 +131,22 @@ class VmWorker:
         self._op = operator
         # The status this worker last decided: the truth while it runs (one operator per node writes it);
         # the API server's copy may lag behind it while the writer retries.
-        self._status: VirtualMachineStatus | None = None
+        self._status, unreadable = read_status(body.get("status") or {})
         self._forced = forced
         self._wake = asyncio.Event()
         self._backoff = 0.0
         self._last_action: Action | None = None
         self._force_deadline: datetime | None = None
+        # The last action that failed, until one succeeds: decide reports it and holds it back until its retry.
+        self._failure: Failure | None = None
         self._log = vm_logger(*self.key, self.domain, logger)
+        if unreadable:
+            self._log.warning("status fields %s cannot be read by this version; kept what can be", unreadable)
         self.writer = StatusWriter(
             operator.kube,
             namespace=self.key[0],
             name=self.key[1],
-            written=read_vm(body).status,
+            written=self._status,
             resource_version=lambda: str(self.body["metadata"].get("resourceVersion", "")),
             on_body=self.update,
             log=self._log,
@@ -162,9 +180,13 @@ class VmWorker:
                 delay = await self._step()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as error:
+                # A bug of vmop's, not the VM's: logged with its traceback, counted, and shown on the VM.
                 self._log.exception("reconcile failed unexpectedly")
                 self._op.metrics.reconcile_errors.labels("unexpected").inc()
+                self._op.events.post(
+                    self.body, type_="Warning", reason="ReconcileError", message=f"vmop failed unexpectedly: {error!r}"
+                )
                 delay = self._next_backoff()
             if delay is None:
                 continue
@@ -183,10 +205,7 @@ class VmWorker:
         return self._backoff
 
     def _read(self) -> VirtualMachine:
-        vm = read_vm(self.body)
-        if self._status is None:
-            return vm
-        return dataclasses.replace(vm, status=self._status)
+        return read_vm(self.body, self._status)
 
     async def _step(self) -> float | None:
         """One step; returns seconds until the next look, or None to look again at once (an action was taken)."""
@@ -211,7 +230,6 @@ class VmWorker:
         op.power_state_seen(self.key, plan.status.power_state)
         if plan.action is None:
             self._report(vm.status, plan)
-            self._backoff = 0.0
             self._last_action = None
             return op.clock.seconds_until(plan.wake_at) if plan.wake_at else None
         if plan.action == self._last_action:
@@ -224,20 +242,33 @@ class VmWorker:
             return self._next_backoff()
         self._last_action = plan.action
         try:
-            status, event = await self._act(vm, plan)
+            status, events = await self._act(vm, plan)
         except HypervisorUnavailable as error:
             self._report(vm.status, plan)
-            self._report(
-                plan.status, unreachable(dataclasses.replace(vm, status=plan.status), str(error), op.clock.now())
-            )
+            unknown = unreachable(dataclasses.replace(vm, status=plan.status), str(error), op.clock.now())
+            self._report(plan.status, unknown)
             return op.decision_settings.resync.total_seconds()
         except (HypervisorError, KubeError) as error:
             self._report(vm.status, plan)
             self._failed(plan.action.kind.value, error)
-            return self._next_backoff()
-        self._report(vm.status, dataclasses.replace(plan, status=status, events=(*plan.events, *event)))
+            delay = self._next_backoff()
+            if plan.action.kind is ActionKind.FORCE_OFF:
+                delay = min(delay, _OVERDUE_RETRY)
+            self._failure = Failure(
+                plan.action.kind,
+                str(error),
+                op.clock.now() + timedelta(seconds=delay),
+                spec_hash=self._expected_hash(vm) if plan.action.kind is ActionKind.DEFINE else None,
+            )
+            self._last_action = None
+            return None  # decided again at once: the failure shows in the conditions, the retry waits
+        self._report(vm.status, dataclasses.replace(plan, status=status, events=(*plan.events, *events)))
         self._backoff = 0.0
+        self._failure = None
         return None
+
+    def _expected_hash(self, vm: VirtualMachine) -> str | None:
+        return domainxml.spec_hash(vm.spec.domain, self._op.settings.host) if vm.spec else None
 
     def _decide(self, vm: VirtualMachine, observed: Domain | None) -> Plan:
         op = self._op
@@ -246,9 +277,10 @@ class VmWorker:
             vm,
             observed,
             op.clock.now(),
-            expected_spec_hash=domainxml.spec_hash(spec_domain, op.settings.host) if spec_domain else None,
+            expected_spec_hash=self._expected_hash(vm),
             storage_problems=storage.problems(spec_domain, op.settings.allowed_storage_dirs) if spec_domain else (),
             settings=op.decision_settings,
+            failure=self._failure,
         )
 
     async def _keep_mark(self, plan: Plan, observed: Domain) -> None:
@@ -338,6 +370,8 @@ class VmWorker:
                 await hyp.suspend(self.uid)
             case ActionKind.RESUME:
                 await hyp.resume(self.uid)
+            case ActionKind.WAKE_UP:
+                await hyp.wake_up(self.uid)
             case ActionKind.FORCE_OFF:
                 await hyp.force_off(self.uid)
             case ActionKind.UNDEFINE:
@@ -513,9 +547,9 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
         # Least privilege: no CRD or namespace scanning, and kopf posts no Events of its own.
         settings.scanning.disabled = True
         settings.posting.enabled = False
-        # After an API server outage, relist within seconds of its return rather than after kopf's default
-        # backoffs (up to 21 s between tries); a relist is one request.
-        settings.networking.error_backoffs = _WATCH_BACKOFFS
+        # Never give up on the API server, and relist within seconds of its return rather than after
+        # kopf's default backoffs (up to 21 s between tries); a relist is one request.
+        settings.networking.error_backoffs = _RetryForever()
         settings.networking.request_timeout = operator.settings.api_timeout * 3
         settings.networking.connect_timeout = operator.settings.api_timeout
         await operator.start()

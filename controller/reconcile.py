@@ -33,6 +33,8 @@ from controller.shutdown import ShutdownMark
 class DomainState(StrEnum):
     RUNNING = "Running"
     PAUSED = "Paused"
+    # Suspended to RAM by the guest (ACPI S3): it cannot be resumed, only woken up.
+    SUSPENDED = "Suspended"
     SHUTTING_DOWN = "ShuttingDown"
     STOPPED = "Stopped"
 
@@ -81,6 +83,7 @@ class ActionKind(StrEnum):
     START = "Start"
     SUSPEND = "Suspend"
     RESUME = "Resume"
+    WAKE_UP = "WakeUp"
     REQUEST_SHUTDOWN = "RequestShutdown"
     FORCE_OFF = "ForceOff"
     UNDEFINE = "Undefine"
@@ -90,6 +93,21 @@ class ActionKind(StrEnum):
 class Action:
     kind: ActionKind
     methods: tuple[ShutdownMethod, ...] = ()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An action the shell took and libvirt or the API server refused.
+
+    The decision reports it (Synced False, observedGeneration held back) for as long as the same action is
+    still what the VM needs, and takes that action again only at retry_at. A refused definition does not
+    stop anything else: power transitions go on with the domain as it is defined.
+    """
+
+    action: ActionKind
+    message: str
+    retry_at: datetime
+    spec_hash: str | None = None  # for a refused DEFINE: the definition that was refused
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,7 @@ class _Decision:
     synced: tuple[str, str, str] = ("True", "Reconciled", "")
     overdue: tuple[str, str, str] | None = None
     mark: ShutdownMark | None = None
+    failure: Failure | None = None
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
@@ -193,6 +212,16 @@ class _Decision:
         self.status = self.status.model_copy(update=changes)
 
     def plan(self, action: Action | None = None, wake_at: datetime | None = None) -> Plan:
+        failure = self.failure
+        if action is not None and failure is not None and action.kind is failure.action:
+            reason = "DefinitionRefused" if action.kind is ActionKind.DEFINE else f"{action.kind.value}Failed"
+            self.synced = ("False", reason, failure.message)
+            if self.ready[0] != "True":
+                self.ready = ("False", reason, failure.message)
+            if self.now < failure.retry_at:
+                # Not again before its time: the shell's backoff, held here so that one step both reports
+                # the failure and waits.
+                action, wake_at = None, min(wake_at, failure.retry_at) if wake_at else failure.retry_at
         resync_at = self.now + self.settings.resync
         conditions = list(self.status.conditions)
         generation = self.vm.generation
@@ -210,7 +239,8 @@ class _Decision:
                 generation=generation,
             )
         status = self.status.model_copy(update={"conditions": conditions})
-        if self.synced[0] == "True":
+        if self.synced[0] == "True" and action is None:
+            # Acted on means settled: an action still to take may yet fail, and then this generation is not.
             status = status.model_copy(update={"observed_generation": generation})
         return Plan(
             status=status,
@@ -229,9 +259,13 @@ def decide(
     expected_spec_hash: str | None,
     storage_problems: tuple[str, ...] = (),
     settings: Settings = Settings(),
+    failure: Failure | None = None,
 ) -> Plan:
-    """The next step for one VM. expected_spec_hash identifies the domain definition the spec asks for."""
-    d = _Decision(vm=vm, now=now, settings=settings, status=vm.status)
+    """The next step for one VM. expected_spec_hash identifies the domain definition the spec asks for;
+    failure is the last action that failed, if it has not succeeded since."""
+    if failure is not None and failure.action is ActionKind.DEFINE and failure.spec_hash != expected_spec_hash:
+        failure = None  # refused for a spec that is no longer asked for
+    d = _Decision(vm=vm, now=now, settings=settings, status=vm.status, failure=failure)
     previous_synced = vm.status.condition("Synced")
 
     def warn_once(reason: str, message: str) -> None:
@@ -278,8 +312,13 @@ def decide(
             d.update(power_state=ObservedPowerState.STOPPED)
             return d.plan()
 
+    refused = failure if failure is not None and failure.action is ActionKind.DEFINE else None
     if domain is None:
         d.ready = ("False", "Defining", "defining the libvirt domain")
+        if refused is not None:
+            d.ready = d.synced = ("False", "DefinitionRefused", f"libvirt refused the definition: {refused.message}")
+            if now < refused.retry_at:
+                return d.plan(wake_at=refused.retry_at)
         if vm.status.domain_uuid is None:
             # A new VM: a restart annotation it was created with is not a request to restart.
             d.update(
@@ -295,12 +334,24 @@ def decide(
             )
         return d.plan(Action(ActionKind.DEFINE))
 
-    if not storage_problems and domain.spec_hash != expected_spec_hash:
-        d.event("Normal", "DefinitionUpdated", "the spec changed: redefining the domain (takes effect at next start)")
-        return d.plan(Action(ActionKind.DEFINE))
-
     target = spec.power_state
     restart_pending = vm.restart_token is not None and vm.restart_token != vm.status.restarted_at
+    if not storage_problems and domain.spec_hash != expected_spec_hash:
+        # Power transitions never wait on a definition: a stop under way or asked for goes first, and the
+        # new definition (which takes effect at the next start anyway) is written once the domain is off.
+        stopping = target is PowerState.STOPPED or restart_pending or active_stop(d.status) is not None
+        if refused is not None and now < refused.retry_at:
+            d.synced = ("False", "DefinitionRefused", f"libvirt refused the new definition: {refused.message}")
+        elif stopping and domain.state is not DomainState.STOPPED:
+            d.synced = ("False", "DefinitionPending", "the new definition is written once the domain is off")
+        else:
+            d.event(
+                "Normal", "DefinitionUpdated", "the spec changed: redefining the domain (takes effect at next start)"
+            )
+            if refused is not None:
+                d.synced = ("False", "DefinitionRefused", f"libvirt refused the new definition: {refused.message}")
+            return d.plan(Action(ActionKind.DEFINE))
+
     if restart_pending and target is not PowerState.STOPPED and domain.state is not DomainState.STOPPED:
         return _stop(d, spec, domain, ShutdownPurpose.RESTART)
     if restart_pending:
@@ -338,7 +389,7 @@ def _observed(domain: Domain, status: VirtualMachineStatus) -> ObservedPowerStat
     match domain.state:
         case DomainState.RUNNING:
             return ObservedPowerState.SHUTTING_DOWN if active else ObservedPowerState.RUNNING
-        case DomainState.PAUSED:
+        case DomainState.PAUSED | DomainState.SUSPENDED:
             return ObservedPowerState.PAUSED
         case DomainState.SHUTTING_DOWN:
             return ObservedPowerState.SHUTTING_DOWN
@@ -415,8 +466,8 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
     step = shutdown.next_step(policy, record, d.now)
     d.update(shutdown=step.record)
     d.mark = shutdown.mark(step.record, policy)
-    if domain.state is DomainState.PAUSED and step.kind is not shutdown.StepKind.FORCE:
-        return _resume_to_hear(d)
+    if domain.state in (DomainState.PAUSED, DomainState.SUSPENDED) and step.kind is not shutdown.StepKind.FORCE:
+        return _resume_to_hear(d, domain)
     d.update(power_state=ObservedPowerState.SHUTTING_DOWN)
     d.ready = ("False", "ShuttingDown", f"shutting down; deadline {_iso(step.record.deadline)}")
     if step.overdue:
@@ -438,8 +489,16 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
     return d.plan(wake_at=step.wake_at)
 
 
-def _resume_to_hear(d: _Decision) -> Plan:
-    """A paused guest cannot hear a shutdown request; its deadline is already set and counts from the stop."""
+def _resume_to_hear(d: _Decision, domain: Domain) -> Plan:
+    """A paused guest cannot hear a shutdown request; its deadline is already set and counts from the stop.
+
+    One the guest suspended to RAM itself cannot be resumed at all: it is woken up instead.
+    """
+    if domain.state is DomainState.SUSPENDED:
+        message = "waking the guest up from its suspend to RAM so that it can hear the shutdown request"
+        d.ready = ("False", "WakingUp", message)
+        d.event("Normal", "WakingUp", message)
+        return d.plan(Action(ActionKind.WAKE_UP))
     message = "resuming the paused guest so that it can hear the shutdown request"
     d.ready = ("False", "Resuming", message)
     d.event("Normal", "Resuming", message)
@@ -450,7 +509,7 @@ def _run(
     d: _Decision, spec: VirtualMachineSpec, domain: Domain, target: PowerState, *, blocked: bool, restart: bool
 ) -> Plan:
     record = active_stop(d.status)
-    if domain.state in (DomainState.RUNNING, DomainState.PAUSED) and record is not None:
+    if domain.state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SUSPENDED) and record is not None:
         assert record.purpose is not ShutdownPurpose.NONE
         d.update(shutdown=shutdown.complete(record, ShutdownOutcome.CANCELLED, d.now))
         d.update(power_state=_observed(domain, d.status))  # with the stop ended: Running, not ShuttingDown
@@ -469,7 +528,11 @@ def _run(
             d.ready = ("False", "Resuming", "")
             d.event("Normal", "Resuming", "resuming the guest")
             return d.plan(Action(ActionKind.RESUME))
-        case DomainState.RUNNING | DomainState.PAUSED:
+        case DomainState.SUSPENDED if target is PowerState.RUNNING:
+            d.ready = ("False", "WakingUp", "")
+            d.event("Normal", "WakingUp", "waking the guest up from its suspend to RAM")
+            return d.plan(Action(ActionKind.WAKE_UP))
+        case DomainState.RUNNING | DomainState.PAUSED | DomainState.SUSPENDED:
             d.ready = ("True", target.value, "")
             return d.plan()
         case DomainState.SHUTTING_DOWN:
@@ -503,8 +566,9 @@ def _run(
         and last.purpose is ShutdownPurpose.NONE
         and last.outcome in _UNASKED_OUTCOMES
         and last.generation == d.vm.generation
-        and not restarts(spec.restart_policy, last.outcome)
     ):
+        if restarts(spec.restart_policy, last.outcome):
+            return _restart_after_unasked_stop(d, spec, last, blocked)
         d.ready = (
             "False",
             f"Stopped{last.outcome.value}",
@@ -512,19 +576,54 @@ def _run(
             "vmop.dev/restartedAt annotation to start it",
         )
         return d.plan()
-    reason = (
-        f"restartPolicy {spec.restart_policy.value}: starting again"
-        if last is not None and last.purpose is ShutdownPurpose.NONE and last.generation == d.vm.generation
-        else "starting"
-    )
-    return _start(d, blocked, reason)
+    return _start(d, blocked, "starting")
 
 
-def _start(d: _Decision, blocked: bool, why: str) -> Plan:
+# A guest that stops this soon after it was started is crash-looping: its next start waits.
+RAN_LONG_ENOUGH = timedelta(seconds=60)
+_CRASH_LOOP_FIRST_DELAY = timedelta(seconds=10)
+_CRASH_LOOP_MAX_DELAY = timedelta(minutes=5)
+
+
+def crash_loop_delay(restarts: int) -> timedelta:
+    """Before the n-th start in a row after unasked stops: none for the first, then 10 s, doubling, 5 min at most."""
+    if restarts <= 1:
+        return timedelta(0)
+    return min(_CRASH_LOOP_MAX_DELAY, _CRASH_LOOP_FIRST_DELAY * (1 << min(restarts - 2, 16)))
+
+
+def _restart_after_unasked_stop(d: _Decision, spec: VirtualMachineSpec, last: ShutdownRecord, blocked: bool) -> Plan:
+    """restartPolicy starts the VM again, at once the first time, with growing delays while it keeps stopping."""
+    assert last.completed_at is not None
+    started = d.status.started_at
+    ran = last.completed_at - started if started is not None else None
+    count = 1 if ran is None or ran >= RAN_LONG_ENOUGH else d.status.restarts + 1
+    # From the later of the stop and the last start: a guest that died before it was seen running left
+    # only the older stop on record.
+    start_at = max(last.completed_at, started or last.completed_at) + crash_loop_delay(count)
+    if d.now < start_at:
+        message = (
+            f"the guest stopped {_seconds(ran or timedelta(0))} after its start ({count - 1} start(s) in a row): "
+            f"starting it again at {start_at.isoformat()}"
+        )
+        d.ready = ("False", "CrashLoopBackOff", message)
+        previous = d.vm.status.condition("Ready")
+        if previous is None or previous.reason != "CrashLoopBackOff":
+            d.event(
+                "Warning",
+                "CrashLoopBackOff",
+                "the guest keeps stopping soon after it starts: starting it again with growing delays",
+            )
+        return d.plan(wake_at=start_at)
+    return _start(d, blocked, f"restartPolicy {spec.restart_policy.value}: starting again", restarts=count)
+
+
+def _start(d: _Decision, blocked: bool, why: str, *, restarts: int = 0) -> Plan:
     if blocked:
         d.ready = ("False", "StorageNotAllowed", "not started while the spec's paths are refused")
         return d.plan()
     d.ready = ("False", "Starting", why)
+    d.update(started_at=d.now, restarts=restarts)
     d.event("Normal", "Starting", why)
     return d.plan(Action(ActionKind.START))
 

@@ -9,7 +9,9 @@
 --   Suspended    Ready=True and the VM is Stopped or Paused as asked, or a guest powered itself off and
 --                restartPolicy leaves it off
 --   Degraded     a reason that needs a person: DomainConflict, StorageNotAllowed, InvalidSpec,
---                ShutdownOverdue, HypervisorUnreachable, or a crash/outside destroy left off by restartPolicy
+--                ShutdownOverdue, HypervisorUnreachable, DefinitionRefused, CrashLoopBackOff, an action
+--                libvirt refused (StartFailed, ForceOffFailed, ...: every reason ending in Failed), or a
+--                crash/outside destroy left off by restartPolicy
 --   Progressing  everything else: Starting, ShuttingDown, Defining, Resuming, ..., or a spec the operator
 --                has not acted on yet (the Ready condition's observedGeneration is behind)
 
@@ -21,7 +23,13 @@ local degraded_reasons = {
   HypervisorUnreachable = true,
   StoppedCrashed = true,
   StoppedDestroyed = true,
+  DefinitionRefused = true,
+  CrashLoopBackOff = true,
 }
+
+local function is_degraded(reason)
+  return degraded_reasons[reason] or string.sub(reason, -6) == "Failed"
+end
 
 local function find_condition(status, condition_type)
   if status == nil or status.conditions == nil then
@@ -69,7 +77,7 @@ if overdue ~= nil and overdue.status == "True" then
   return hs
 end
 for _, condition in ipairs({ ready, synced }) do
-  if condition ~= nil and condition.status ~= "True" and degraded_reasons[condition.reason] then
+  if condition ~= nil and condition.status ~= "True" and is_degraded(condition.reason) then
     hs.status = "Degraded"
     hs.message = describe(condition)
     return hs

@@ -57,10 +57,14 @@ _COOP_INIT = f"""\
 mkdir -p /etc/vmop
 ignore=0
 delay=0
+poweroff_after=""
+suspend_after=""
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     vmop.ignore=*) ignore="${{arg#vmop.ignore=}}" ;;
     vmop.delay=*) delay="${{arg#vmop.delay=}}" ;;
+    vmop.poweroff_after=*) poweroff_after="${{arg#vmop.poweroff_after=}}" ;;
+    vmop.suspend_after=*) suspend_after="${{arg#vmop.suspend_after=}}" ;;
   esac
 done
 echo "$ignore" > /etc/vmop/ignore
@@ -99,6 +103,17 @@ while [ -z "$listening" ]; do
   [ -n "$listening" ] || sleep 0.05
 done
 echo "GUEST-READY coop uptime=$(cat /proc/uptime)" > /dev/ttyS0
+if [ -n "$poweroff_after" ]; then
+  sleep "$poweroff_after"
+  echo "GUEST-POWEROFF by itself" > /dev/ttyS0
+  poweroff -f
+fi
+if [ -n "$suspend_after" ]; then
+  sleep "$suspend_after"
+  echo "GUEST-SUSPEND to RAM" > /dev/ttyS0
+  echo mem > /sys/power/state
+  echo "GUEST-RESUMED from RAM" > /dev/ttyS0
+fi
 while :; do sleep 3600; done
 """
 
@@ -130,16 +145,34 @@ _BASE_CMDLINE = "console=ttyS0 panic=-1 quiet"
 STUBBORN_CMDLINE: str = _BASE_CMDLINE
 
 
-def coop_cmdline(*, ignore_presses: int = 0, shutdown_delay: float = 0.0) -> str:
+def _decimal(seconds: float) -> str:
+    """busybox sleep takes a plain decimal, never an exponent."""
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") or "0"
+
+
+def coop_cmdline(
+    *,
+    ignore_presses: int = 0,
+    shutdown_delay: float = 0.0,
+    poweroff_after: float | None = None,
+    suspend_after: float | None = None,
+) -> str:
     """Kernel command line for the cooperative guest; the knobs travel there because the initramfs is
-    shared by every cooperative guest and only the command line differs per domain."""
+    shared by every cooperative guest and only the command line differs per domain.
+
+    poweroff_after: the guest powers itself off this long after it is ready (a crash loop under
+    restartPolicy Always). suspend_after: it suspends itself to RAM (ACPI S3) this long after it is ready.
+    """
     if ignore_presses < 0:
         raise ValueError(f"ignore_presses must be >= 0, got {ignore_presses}")
-    if shutdown_delay < 0:
-        raise ValueError(f"shutdown_delay must be >= 0, got {shutdown_delay}")
-    # busybox sleep takes a plain decimal, never an exponent
-    delay = f"{shutdown_delay:.3f}".rstrip("0").rstrip(".")
-    return f"{_BASE_CMDLINE} vmop.ignore={ignore_presses} vmop.delay={delay}"
+    line = f"{_BASE_CMDLINE} vmop.ignore={ignore_presses} vmop.delay={_decimal(shutdown_delay)}"
+    if poweroff_after is not None:
+        line += f" vmop.poweroff_after={_decimal(poweroff_after)}"
+    if suspend_after is not None:
+        line += f" vmop.suspend_after={_decimal(suspend_after)}"
+    return line
 
 
 @dataclass(frozen=True)

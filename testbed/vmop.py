@@ -6,6 +6,8 @@ would: the CRD and RBAC from the same manifests, the operator with only the righ
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -136,6 +138,16 @@ class OperatorProcess:
                     return float(sample.value)
         raise AssertionError(f"{name}{labels} is not exported")
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """The operator's JSON log lines, parsed (lines that are not JSON, a traceback's, are skipped)."""
+        records = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
+
     def log_tail(self, lines: int = 60) -> str:
         return tail_file(self.log_path, lines)
 
@@ -175,6 +187,8 @@ def vm_manifest(
     restart_policy: str | None = None,
     ignore_presses: int = 0,
     shutdown_delay: float = 0.0,
+    poweroff_after: float | None = None,
+    suspend_after: float | None = None,
     domain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A VirtualMachine running one of the bed's guests: coop (ACPI-obedient), stubborn, or firmware-only."""
@@ -184,7 +198,12 @@ def vm_manifest(
             "memoryMiB": 128,
             "kernel": str(images.kernel),
             "initrd": str(images.coop_initrd),
-            "cmdline": coop_cmdline(ignore_presses=ignore_presses, shutdown_delay=shutdown_delay),
+            "cmdline": coop_cmdline(
+                ignore_presses=ignore_presses,
+                shutdown_delay=shutdown_delay,
+                poweroff_after=poweroff_after,
+                suspend_after=suspend_after,
+            ),
         },
         "stubborn": {
             "memoryMiB": 96,

@@ -82,14 +82,13 @@ class Vmop:
         return body
 
 
-@pytest.fixture
-def vmop(
+def _world(
     control_plane: ControlPlane,
     libvirt_host: LibvirtHost,
     operator_kubeconfig: Path,
     namespace: str,
     request: pytest.FixtureRequest,
-) -> Iterator[Vmop]:
+) -> Vmop:
     test_name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
     world = Vmop(
         namespace=namespace,
@@ -100,6 +99,18 @@ def vmop(
         log_dir=ROOT / "test-logs" / "e2e" / test_name,
     )
     world.log_dir.mkdir(parents=True, exist_ok=True)
+    return world
+
+
+@pytest.fixture
+def vmop(
+    control_plane: ControlPlane,
+    libvirt_host: LibvirtHost,
+    operator_kubeconfig: Path,
+    namespace: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Vmop]:
+    world = _world(control_plane, libvirt_host, operator_kubeconfig, namespace, request)
     try:
         yield world
     finally:
@@ -109,3 +120,18 @@ def vmop(
         for domain in conn.listAllDomains():
             if domain.name().startswith(f"{namespace}_"):
                 libvirt_host.remove_guest(domain.name())
+
+
+@pytest.fixture
+def vmop_own_libvirt(
+    control_plane: ControlPlane, operator_kubeconfig: Path, namespace: str, request: pytest.FixtureRequest
+) -> Iterator[Vmop]:
+    """A test's world on a libvirtd of its own, for tests that stop or restart the daemon the shared one is."""
+    host = LibvirtHost.start()
+    world = _world(control_plane, host, operator_kubeconfig, namespace, request)
+    try:
+        yield world
+    finally:
+        for operator in world.operators:
+            operator.stop()
+        host.stop()

@@ -112,14 +112,22 @@ def api_server(control_plane: ControlPlane) -> Iterator[ControlPlane]:
             control_plane.start_apiserver()
 
 
-def test_api_server_down_across_the_deadline(vmop: Vmop, api_server: ControlPlane) -> None:
+@pytest.mark.parametrize("fault", ["stopped", "frozen"])
+def test_api_server_down_across_the_deadline(vmop: Vmop, api_server: ControlPlane, fault: str) -> None:
+    """Refusing connections (stopped) or taking them and never answering (frozen, a black hole)."""
     vmop.start_operator()
     deadline = start_stop(vmop, "patient", grace=10, retry=2)
     watch = ShutoffWatch(vmop.libvirt, vmop.domain_name("patient"))
     sleep_until(deadline - timedelta(seconds=2))
-    api_server.stop_apiserver()
+    if fault == "stopped":
+        api_server.stop_apiserver()
+    else:
+        api_server.freeze_apiserver()
     sleep_until(deadline + timedelta(seconds=10))
-    api_server.start_apiserver()
+    if fault == "stopped":
+        api_server.start_apiserver()
+    else:
+        api_server.thaw_apiserver()
     back = datetime.now(UTC)
     shutoff = watch.wait(timeout=5)
     assert deadline <= shutoff < deadline + MARGIN, f"forced {shutoff - deadline} after the deadline"
@@ -130,7 +138,7 @@ def test_api_server_down_across_the_deadline(vmop: Vmop, api_server: ControlPlan
     assert parse_time(record_["deadline"]) == deadline
     assert timedelta(0) <= parse_time(record_["completedAt"]) - deadline < MARGIN
     assert presses(vmop, "patient") == record_["attempts"], "every request the guest heard is in the status"
-    record("api-server-down", late=(shutoff - deadline).total_seconds(), caught_up=caught_up.total_seconds())
+    record(f"api-server-{fault}", late=(shutoff - deadline).total_seconds(), caught_up=caught_up.total_seconds())
 
 
 def test_operator_restarted_while_the_api_server_is_down(vmop: Vmop, api_server: ControlPlane) -> None:
@@ -232,7 +240,11 @@ def test_a_vm_deleted_while_the_watch_was_cut_is_dropped_and_its_domain_left_alo
     operator = vmop.start_operator("--resync-seconds", "3")
     vmop.create("ghost", kind="firmware")
     vmop.vms.wait("ghost", lambda b: b.get("status", {}).get("powerState") == "Running", timeout=60, what="Running")
-    wait_until(lambda: operator.metric("vmop_virtual_machines", power_state="Running") == 1, timeout=10)
+    wait_until(
+        lambda: operator.metric("vmop_virtual_machines", power_state="Running") == 1,
+        timeout=10,
+        message="the operator does not count the VM",
+    )
 
     operator.pause()  # it hears nothing of what follows: its watch dies with the API server
     api_server.stop_apiserver()
@@ -255,3 +267,22 @@ def test_a_vm_deleted_while_the_watch_was_cut_is_dropped_and_its_domain_left_alo
         seconds=8,
         message="the orphan domain was started again",
     )
+
+
+def test_libvirtd_restarted_mid_stop_keeps_the_deadline(vmop_own_libvirt: Vmop) -> None:
+    vmop, host = vmop_own_libvirt, vmop_own_libvirt.libvirt
+    operator = vmop.start_operator()
+    deadline = start_stop(vmop, "survivor", grace=12, retry=2)
+    host.restart_daemon()
+    wait_until(
+        lambda: operator.metric("vmop_libvirt_connected") == 1,
+        timeout=30,
+        message="the operator did not reconnect",
+    )
+    watch = ShutoffWatch(host, vmop.domain_name("survivor"))
+    shutoff = watch.wait(timeout=(deadline - datetime.now(UTC)).total_seconds() + 10)
+    assert deadline <= shutoff < deadline + MARGIN, f"forced {shutoff - deadline} after the deadline"
+    record_ = wait_forced(vmop, "survivor")
+    assert parse_time(record_["deadline"]) == deadline
+    assert presses(vmop, "survivor") == record_["attempts"]
+    record("libvirtd-restarted", late=(shutoff - deadline).total_seconds())

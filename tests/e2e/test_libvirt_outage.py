@@ -5,81 +5,55 @@ This test owns a libvirt daemon of its own, because it stops the daemon that the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import libvirt
-import pytest
 
-from testbed.controlplane import ControlPlane
-from testbed.libvirthost import LibvirtHost
-from testbed.vmop import Vms, condition, parse_time
+from testbed.vmop import condition, parse_time
 from tests.e2e.conftest import Vmop
 
 
-@pytest.fixture
-def own_libvirt() -> Iterator[LibvirtHost]:
-    host = LibvirtHost.start()
-    try:
-        yield host
-    finally:
-        host.stop()
-
-
-def test_libvirt_outage_is_reported_and_the_deadline_is_kept(
-    control_plane: ControlPlane, operator_kubeconfig: Path, namespace: str, own_libvirt: LibvirtHost, tmp_path: Path
-) -> None:
-    vmop = Vmop(
-        namespace=namespace,
-        node_name="node-outage",
-        vms=Vms(control_plane.api_client(), namespace),
-        libvirt=own_libvirt,
-        kubeconfig=operator_kubeconfig,
-        log_dir=tmp_path,
-    )
+def test_libvirt_outage_is_reported_and_the_deadline_is_kept(vmop_own_libvirt: Vmop) -> None:
+    vmop, own_libvirt = vmop_own_libvirt, vmop_own_libvirt.libvirt
     operator = vmop.start_operator()
-    try:
-        vmop.create("patient", kind="stubborn", shutdown_policy={"gracePeriodSeconds": 6, "retryIntervalSeconds": 2})
-        vmop.wait_running("patient", ready=False)
-        vmop.vms.patch_spec("patient", powerState="Stopped")
-        body = vmop.vms.wait(
-            "patient",
-            lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1,
-            timeout=30,
-            what="a request",
-        )
-        deadline = parse_time(body["status"]["shutdown"]["deadline"])
+    vmop.create("patient", kind="stubborn", shutdown_policy={"gracePeriodSeconds": 6, "retryIntervalSeconds": 2})
+    vmop.wait_running("patient", ready=False)
+    vmop.vms.patch_spec("patient", powerState="Stopped")
+    body = vmop.vms.wait(
+        "patient",
+        lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1,
+        timeout=30,
+        what="a request",
+    )
+    deadline = parse_time(body["status"]["shutdown"]["deadline"])
 
-        own_libvirt.stop_daemon()
-        body = vmop.vms.wait(
-            "patient",
-            lambda b: (condition(b, "Synced") or {}).get("reason") == "HypervisorUnreachable",
-            timeout=30,
-            what="HypervisorUnreachable",
-        )
-        assert body["status"]["powerState"] == "Unknown"
-        assert condition(body, "Ready")["status"] == "Unknown"
-        vmop.vms.wait_events("patient", "HypervisorUnreachable")
-        assert operator.process is not None
-        assert operator.process.poll() is None, "the operator keeps running"
+    own_libvirt.stop_daemon()
+    body = vmop.vms.wait(
+        "patient",
+        lambda b: (condition(b, "Synced") or {}).get("reason") == "HypervisorUnreachable",
+        timeout=30,
+        what="HypervisorUnreachable",
+    )
+    assert body["status"]["powerState"] == "Unknown"
+    assert condition(body, "Ready")["status"] == "Unknown"
+    vmop.vms.wait_events("patient", "HypervisorUnreachable")
+    assert operator.process is not None
+    assert operator.process.poll() is None, "the operator keeps running"
 
-        # Back after the deadline has passed: the VM is forced off at once, against the original deadline.
-        wait_past = (deadline - datetime.now(UTC)).total_seconds()
-        if wait_past > 0:
-            vmop.vms.wait(
-                "patient", lambda b: datetime.now(UTC) > deadline, timeout=wait_past + 5, what="the deadline to pass"
-            )
-        own_libvirt.start_daemon()
-        body = vmop.vms.wait(
-            "patient",
-            lambda b: (b["status"].get("shutdown") or {}).get("outcome") == "Forced",
-            timeout=60,
-            what="the forced stop after reconnecting",
+    # Back after the deadline has passed: the VM is forced off at once, against the original deadline.
+    wait_past = (deadline - datetime.now(UTC)).total_seconds()
+    if wait_past > 0:
+        vmop.vms.wait(
+            "patient", lambda b: datetime.now(UTC) > deadline, timeout=wait_past + 5, what="the deadline to pass"
         )
-        assert parse_time(body["status"]["shutdown"]["deadline"]) == deadline
-        assert condition(body, "Synced")["status"] == "True"
-        state, reason = own_libvirt.connect().lookupByName(vmop.domain_name("patient")).state()
-        assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
-    finally:
-        operator.stop()
+    own_libvirt.start_daemon()
+    body = vmop.vms.wait(
+        "patient",
+        lambda b: (b["status"].get("shutdown") or {}).get("outcome") == "Forced",
+        timeout=60,
+        what="the forced stop after reconnecting",
+    )
+    assert parse_time(body["status"]["shutdown"]["deadline"]) == deadline
+    assert condition(body, "Synced")["status"] == "True"
+    state, reason = own_libvirt.connect().lookupByName(vmop.domain_name("patient")).state()
+    assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)

@@ -36,8 +36,8 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "nul-in-cmdline": ({"kernel": f"{IMAGES}/k", "cmdline": "console=ttyS0\0 quiet"}, "should match"),
     "escape-in-cmdline": ({"kernel": f"{IMAGES}/k", "cmdline": "console=ttyS0 \x1b[2J"}, "should match"),
     "tab-in-interface-source": ({"interfaces": interface(source="br\t0")}, "should match"),
-    "multicast-mac": ({"interfaces": interface(macAddress="01:00:5e:00:00:01")}, "should match"),
-    "broadcast-mac": ({"interfaces": interface(macAddress="FF:FF:FF:FF:FF:FF")}, "should match"),
+    "multicast-mac": ({"interfaces": interface(macAddress="01:00:5e:00:00:01")}, "must be a unicast MAC address"),
+    "broadcast-mac": ({"interfaces": interface(macAddress="FF:FF:FF:FF:FF:FF")}, "must be a unicast MAC address"),
     "256-vcpus": ({"vcpus": 256}, "less than or equal to 255"),
     "5-ide-disks": ({"disks": ide_disks(5)}, "at most 4 disks on bus ide"),
 }

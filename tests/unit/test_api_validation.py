@@ -100,16 +100,20 @@ def test_the_model_uses_the_patterns_the_schema_states() -> None:
     assert at(schema, TEXT_FIELDS["kernel"][1])["pattern"] == api.ABSOLUTE_PATH_PATTERN
     assert at(schema, TEXT_FIELDS["cmdline"][1])["pattern"] == api.TEXT_PATTERN
     mac = schema["properties"]["interfaces"]["items"]["properties"]["macAddress"]
-    assert mac["pattern"] == api.UNICAST_MAC_PATTERN
+    assert mac["pattern"] == api.MAC_PATTERN
+    assert mac["x-kubernetes-validations"] == [{"rule": api.UNICAST_MAC_RULE, "message": api.UNICAST_MAC_MESSAGE}]
 
 
 @pytest.mark.parametrize("first_octet", range(256))
 def test_only_unicast_mac_addresses_are_taken(first_octet: int) -> None:
     unicast = first_octet & 1 == 0
-    pattern = domain_schema()["properties"]["interfaces"]["items"]["properties"]["macAddress"]["pattern"]
+    mac_schema = domain_schema()["properties"]["interfaces"]["items"]["properties"]["macAddress"]
+    # The CEL rule's regex, as RE2 applies it through CEL's matches(): an unanchored search.
+    rule_regex = api.UNICAST_MAC_RULE.split("'")[1]
     for mac in (f"{first_octet:02x}:54:00:12:34:56", f"{first_octet:02X}:54:00:AB:CD:EF"):
         assert model_accepts(with_value(("interfaces", 0, "macAddress"), mac)) is unicast, mac
-        assert api_server_matches(pattern, mac) is unicast, mac
+        assert api_server_matches(mac_schema["pattern"], mac), mac
+        assert api_server_matches(rule_regex, mac) is unicast, mac
 
 
 @pytest.mark.parametrize("mac", ["52:54:00:12:34", "52:54:00:12:34:56:78", "52-54-00-12-34-56", "52:54:00:12:34:5g"])

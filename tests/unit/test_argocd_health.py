@@ -66,6 +66,11 @@ R, S = ObservedPowerState.RUNNING, ObservedPowerState.STOPPED
         (status(ObservedPowerState.UNKNOWN, ("Ready", "Unknown", "HypervisorUnreachable")), "Degraded"),
         (status(S, ("Ready", "False", "StoppedGuestInitiated")), "Suspended"),
         (status(S, ("Ready", "False", "StoppedCrashed")), "Degraded"),
+        (status(R, ("Ready", "True", "Running"), ("Synced", "False", "DefinitionRefused")), "Degraded"),
+        (status(R, ("Ready", "True", "Running"), ("Synced", "False", "DefinitionPending")), "Healthy"),
+        (status(S, ("Ready", "False", "StartFailed"), ("Synced", "False", "StartFailed")), "Degraded"),
+        (status(R, ("Ready", "False", "ForceOffFailed"), ("Synced", "False", "ForceOffFailed")), "Degraded"),
+        (status(S, ("Ready", "False", "CrashLoopBackOff")), "Degraded"),
     ],
 )
 def test_health_follows_the_conditions(vm_status: VirtualMachineStatus | None, expected: str) -> None:

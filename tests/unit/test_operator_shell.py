@@ -199,33 +199,41 @@ def test_a_force_that_fails_is_retried_every_second_past_the_deadline() -> None:
     scenario(run)
 
 
+def stop_known_only_to_libvirt(env: Env) -> tuple[Any, datetime, datetime]:
+    """A stop begun 25 s ago by an operator now gone, whose status write never landed: only the mark has it."""
+    env.kube.create(
+        "web",
+        {
+            "nodeName": "node-a",
+            "powerState": "Stopped",
+            "shutdownPolicy": {"gracePeriodSeconds": 30},
+            "domain": {"memoryMiB": 64},
+        },
+    )
+    now = env.clock.now()
+    deadline = now + timedelta(seconds=5)
+    domain = env.hyp.running("ns_web", uid="uid-web", spec_hash=None)
+    domain.mark = ShutdownMark(ShutdownPurpose.STOP, now - timedelta(seconds=25), deadline, True)
+    return domain, now, deadline
+
+
 def test_the_backstop_forces_from_the_domain_mark_while_the_api_server_is_down() -> None:
     """A restarted operator, the API server down: only libvirt knows of the stop, and that is enough."""
 
     async def run() -> None:
         env = Env()
         env.kube.mode = "down"
-        env.kube.create(
-            "web",
-            {
-                "nodeName": "node-a",
-                "powerState": "Stopped",
-                "shutdownPolicy": {"gracePeriodSeconds": 30},
-                "domain": {"memoryMiB": 64},
-            },
-        )
-        now = env.clock.now()
-        domain = env.hyp.running("ns_web", uid="uid-web", spec_hash=None)
-        domain.mark = ShutdownMark(ShutdownPurpose.STOP, now - timedelta(seconds=25), now + timedelta(seconds=5), True)
+        domain, now, deadline = stop_known_only_to_libvirt(env)
         await env.op.start()  # kopf lists nothing: no object_event
         await until(lambda: "uid-web" in env.hyp.forced, what="the backstop's force")
-        assert timedelta(0) <= env.hyp.forced["uid-web"] - (now + timedelta(seconds=5)) < MS
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - deadline < MS
 
         env.kube.mode = "ok"  # back: kopf lists the object, whose status knows nothing of the stop
         env.op.object_event(None, await env.kube.get("ns", "web"))
         await until(lambda: env.shutdown("web").get("outcome") == "Forced", within=10, what="the report")
         record = env.shutdown("web")
-        assert datetime.fromisoformat(record["deadline"]) == now + timedelta(seconds=5)
+        assert datetime.fromisoformat(record["deadline"]) == deadline
+        assert datetime.fromisoformat(record["requestedAt"]) == now - timedelta(seconds=25)
         assert datetime.fromisoformat(record["completedAt"]) == env.hyp.forced["uid-web"]
         assert "ForcedOff" in env.events.reasons("web")
         assert domain.starts == 0
@@ -237,19 +245,7 @@ def test_the_backstop_forces_from_the_domain_mark_while_the_api_server_is_down()
 def test_a_worker_that_exists_first_takes_the_stop_over_from_the_backstop() -> None:
     async def run() -> None:
         env = Env()
-        env.kube.create(
-            "web",
-            {
-                "nodeName": "node-a",
-                "powerState": "Stopped",
-                "shutdownPolicy": {"gracePeriodSeconds": 30},
-                "domain": {"memoryMiB": 64},
-            },
-        )
-        now = env.clock.now()
-        domain = env.hyp.running("ns_web", uid="uid-web", spec_hash=None)
-        deadline = now + timedelta(seconds=5)
-        domain.mark = ShutdownMark(ShutdownPurpose.STOP, now - timedelta(seconds=25), deadline, True)
+        _domain, now, deadline = stop_known_only_to_libvirt(env)
         await env.op.start()
         env.op.object_event(None, await env.kube.get("ns", "web"))
         await until(lambda: "uid-web" in env.hyp.forced, what="the force")
@@ -333,6 +329,27 @@ def test_a_vm_gone_unheard_is_dropped_at_the_relist_and_its_domain_never_restart
         env.hyp.stop(env.domain("web"), StopCause.SHUTDOWN)
         await asyncio.sleep(30)
         assert env.domain("web").starts == starts, "an orphan is never restarted"
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_bug_in_one_step_shows_on_the_vm_and_the_worker_goes_on() -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        observe = env.hyp.observe
+        calls = [0]
+
+        async def flaky(name: str) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("a bug")
+            return await observe(name)
+
+        env.hyp.observe = flaky  # type: ignore[method-assign]
+        await env.running("web")
+        assert "ReconcileError" in env.events.reasons("web")
         await env.op.stop()
 
     scenario(run)

@@ -23,14 +23,17 @@ from controller.api import (
     VirtualMachineStatus,
 )
 from controller.reconcile import (
+    RAN_LONG_ENOUGH,
     ActionKind,
     Domain,
     DomainState,
+    Failure,
     Plan,
     Settings,
     StopCause,
     VirtualMachine,
     after_request,
+    crash_loop_delay,
     decide,
     unreachable,
 )
@@ -94,6 +97,10 @@ class World:
     actions: list[tuple[ActionKind, datetime]] = field(default_factory=list)
     plans: list[Plan] = field(default_factory=list)
     gone: bool = False
+    # Actions libvirt refuses, with its message; the shell's report of the last refusal, and its backoff.
+    refuse: dict[ActionKind, str] = field(default_factory=dict)
+    failure: Failure | None = None
+    retry: timedelta = timedelta(seconds=2)
 
     @property
     def status(self) -> VirtualMachineStatus:
@@ -105,7 +112,14 @@ class World:
         return self.vm.spec
 
     def decide(self) -> Plan:
-        return decide(self.vm, self.domain, self.now, expected_spec_hash=self.spec_hash, storage_problems=self.storage)
+        return decide(
+            self.vm,
+            self.domain,
+            self.now,
+            expected_spec_hash=self.spec_hash,
+            storage_problems=self.storage,
+            failure=self.failure,
+        )
 
     def step(self) -> Plan:
         """One reconcile: decide, write the status, post the events, execute the action."""
@@ -123,7 +137,13 @@ class World:
         self.vm = replace(self.vm, status=status)
         if plan.action is not None:
             self.actions.append((plan.action.kind, self.now))
-            self.execute(plan.action.kind)
+            kind = plan.action.kind
+            if kind in self.refuse:
+                hash_ = self.spec_hash if kind is A.DEFINE else None
+                self.failure = Failure(kind, self.refuse[kind], self.now + self.retry, spec_hash=hash_)
+            else:
+                self.failure = None
+                self.execute(kind)
         return plan
 
     def execute(self, kind: ActionKind) -> None:
@@ -143,7 +163,7 @@ class World:
                 assert dom is not None
                 assert dom.state is DomainState.STOPPED
                 self.domain = None
-            case A.START | A.RESUME:
+            case A.START | A.RESUME | A.WAKE_UP:
                 assert dom is not None
                 self.domain = replace(dom, state=DomainState.RUNNING, stop_cause=None)
             case A.SUSPEND:
@@ -292,6 +312,7 @@ def _scenario_stopped() -> World:
 
 def _scenario_waiting() -> World:
     w = stopping()
+    w.step()  # the shell decides again at once after an action: this generation is now settled
     w.advance(s(1))
     return w
 
@@ -1036,3 +1057,131 @@ def test_resends_are_reported_at_powers_of_two_and_all_counted() -> None:
     resent = [reason for _, reason in w.events if reason == "ShutdownRequestResent"]
     assert len(resent) == 6  # requests 2, 4, 8, 16, 32 and 64
     assert [reason for _, reason in w.events].count("ShutdownRequested") == 1
+
+
+# ---- one VM's trouble: refused definitions, failed actions, crash loops, suspended guests
+
+
+def test_a_definition_libvirt_refuses_during_a_stop_never_delays_the_force() -> None:
+    """An edit libvirt refuses, mid-stop: the stop goes on and is forced at its deadline; Synced says why."""
+    w = stopping(make_spec(grace_period_seconds=10, retry_interval_seconds=0))
+    w.refuse[A.DEFINE] = "unsupported configuration: the MAC address is multicast"
+    w.advance(s(1))
+    w.spec_hash = "hash-refused"
+    w.edit(shutdown_policy=w.spec.shutdown_policy)  # a new generation whose definition libvirt refuses
+    taken = w.run_until(T0 + s(10))
+    assert (A.FORCE_OFF, T0 + s(10)) in taken, "forced exactly at the deadline"
+    assert A.DEFINE in [k for k, _ in taken], "the redefinition comes once the domain is off"
+    synced = w.status.condition("Synced")
+    assert synced is not None
+    assert (synced.status, synced.reason) == ("False", "DefinitionRefused")
+    assert "multicast" in synced.message
+    assert w.status.observed_generation != w.vm.generation
+
+    del w.refuse[A.DEFINE]  # the user fixes the spec: a new definition
+    w.spec_hash = "hash-fixed"
+    w.edit(shutdown_policy=w.spec.shutdown_policy)
+    assert w.settle() == [A.DEFINE]
+    assert cond(w.status, "Synced") == ("True", "Reconciled")
+    assert w.status.observed_generation == w.vm.generation
+
+
+def test_a_spec_change_mid_stop_is_defined_once_the_domain_is_off() -> None:
+    w = stopping(make_spec(grace_period_seconds=10))
+    w.spec_hash = "hash-2"
+    w.edit(shutdown_policy=w.spec.shutdown_policy)
+    assert w.step().action is None, "no redefinition in front of the stop"
+    assert cond(w.status, "Synced") == ("False", "DefinitionPending")
+    w.stops(StopCause.SHUTDOWN)
+    assert w.settle() == [A.DEFINE]
+    assert w.domain is not None
+    assert w.domain.spec_hash == "hash-2"
+
+
+def test_a_new_vm_libvirt_refuses_to_define_shows_it_and_retries_after_the_backoff() -> None:
+    w = World(make_vm())
+    w.refuse[A.DEFINE] = "internal error: name too long"
+    assert w.settle() == [A.ADD_FINALIZER, A.DEFINE]
+    assert cond(w.status, "Synced") == ("False", "DefinitionRefused")
+    assert cond(w.status, "Ready") == ("False", "DefinitionRefused")
+    plan = w.step()
+    assert plan.action is None
+    assert plan.wake_at == T0 + w.retry
+    w.advance(w.retry)
+    assert w.step().action is not None, "tried again at its time"
+
+
+def test_a_start_that_fails_is_reported_until_it_succeeds() -> None:
+    w = running()
+    w.edit(power_state=STOPPED)
+    w.settle()
+    w.stops(StopCause.SHUTDOWN)
+    w.settle()
+    w.refuse[A.START] = "Cannot get interface MTU on 'br0': No such device"
+    w.edit(power_state=RUNNING)
+    assert w.settle() == [A.START]
+    assert cond(w.status, "Synced") == ("False", "StartFailed")
+    assert cond(w.status, "Ready") == ("False", "StartFailed")
+    assert w.status.observed_generation == w.vm.generation - 1, "not acted on yet"
+    assert w.settle() == [], "not again before the backoff"
+    del w.refuse[A.START]
+    w.advance(w.retry)
+    assert w.settle() == [A.START]
+    assert cond(w.status, "Synced") == ("True", "Reconciled")
+    assert cond(w.status, "Ready") == ("True", "Running")
+    assert w.status.observed_generation == w.vm.generation
+
+
+def test_a_crash_loop_backs_off_and_a_guest_that_runs_a_while_starts_the_count_again() -> None:
+    w = running()
+    delays = []
+    for _ in range(6):
+        w.advance(s(1))
+        w.stops(StopCause.SHUTDOWN)  # the guest powers off a second after its boot
+        stopped = w.now
+        while (plan := w.step()).action is None:
+            assert plan.wake_at is not None
+            assert cond(w.status, "Ready") == ("False", "CrashLoopBackOff")
+            w.now = plan.wake_at
+        assert plan.action.kind is A.START
+        delays.append((w.now - stopped).total_seconds())
+        assert w.settle() == []  # seen running
+    assert delays == [0, 10, 20, 40, 80, 160]
+    assert w.status.restarts == 6
+    assert [e for e in w.events if e[1] == "CrashLoopBackOff"] != []
+
+    w.advance(RAN_LONG_ENOUGH)  # it ran for a minute this time
+    w.stops(StopCause.SHUTDOWN)
+    assert w.settle() == [A.START], "at once again"
+    assert w.status.restarts == 1
+
+
+def test_crash_loop_delays_are_capped_at_five_minutes() -> None:
+    assert [crash_loop_delay(n).total_seconds() for n in (1, 2, 3, 6, 7, 40)] == [0, 10, 20, 160, 300, 300]
+
+
+def test_a_guest_suspended_to_ram_is_woken_up_to_hear_the_stop_and_forced_if_it_cannot() -> None:
+    w = running(make_spec(grace_period_seconds=5))
+    assert w.domain is not None
+    w.domain = replace(w.domain, state=DomainState.SUSPENDED)
+    w.edit(power_state=STOPPED)
+    plan = w.step()
+    assert plan.action is not None
+    assert plan.action.kind is A.WAKE_UP, "a suspended guest is woken, never resumed"
+    assert plan.status.shutdown is not None
+    assert plan.status.shutdown.deadline == T0 + s(5)
+    assert w.step().action is not None  # awake now: the request
+    w.domain = replace(w.domain, state=DomainState.SUSPENDED)  # and it suspends again
+    w.refuse[A.WAKE_UP] = "Requested operation is not valid: domain is not suspended"
+    w.advance(s(5))
+    plan = w.step()
+    assert plan.action is not None
+    assert plan.action.kind is A.FORCE_OFF
+
+
+def test_a_suspended_guest_is_woken_up_when_it_should_run() -> None:
+    w = running()
+    assert w.domain is not None
+    w.domain = replace(w.domain, state=DomainState.SUSPENDED)
+    assert w.settle() == [A.WAKE_UP]
+    assert cond(w.status, "Ready") == ("True", "Running")

@@ -30,7 +30,13 @@ def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("argv", "said"),
-    [([], "--node-name"), (["--node-name", "n", "--agent-timeout", "0"], "--agent-timeout must be positive")],
+    [
+        ([], "--node-name"),
+        (["--node-name", "n", "--agent-timeout", "0"], "--agent-timeout must be positive"),
+        (["--node-name", "n", "--api-timeout", "0"], "--api-timeout must be positive"),
+        # libvirt gives a graceful destroy up after 15 s: the plain destroy (SIGKILL) must come first.
+        (["--node-name", "n", "--graceful-destroy-timeout", "15"], "must be below 15"),
+    ],
 )
 def test_bad_settings_are_refused_with_a_reason(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], said: str
@@ -40,3 +46,9 @@ def test_bad_settings_are_refused_with_a_reason(
         from_args(argv)
     assert exited.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_the_node_lock_defaults_to_the_host_directory_the_daemonset_mounts() -> None:
+    settings = from_args(["--node-name", "n"])
+    assert settings.node_lock_file == Path("/var/run/vmop/node.lock")
+    assert settings.graceful_destroy_timeout == 5
