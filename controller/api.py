@@ -154,8 +154,9 @@ class ShutdownPolicy(_Model):
             json_schema_extra={"x-kubernetes-list-type": "set", "default": [ShutdownMethod.ACPI.value]},
             description=(
                 "How to ask the guest, in order: ACPI (the power button) and Agent (the QEMU guest agent). "
-                "Each request tries them in order and stops at the first the hypervisor accepts; an Agent "
-                "attempt is bounded in time, so a missing or hung agent never delays the next method."
+                "Each request tries them in order and stops at the first the hypervisor accepts. Agent is "
+                "tried only while a guest agent is connected (status.agentConnected), and a hung one costs "
+                "at most the operator's agent timeout before the next method."
             ),
         ),
     ]
@@ -357,6 +358,13 @@ class VirtualMachineStatus(_Model):
     domain_uuid: str | None = Field(None, alias="domainUUID", description="The libvirt domain's UUID.")
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     started_at: datetime | None = Field(None, description="When vmop last started the domain.")
+    agent_connected: bool | None = Field(
+        None,
+        description=(
+            "With domain.guestAgent: whether a guest agent holds the agent channel (libvirt's agent state). "
+            "Shutdown requests use the Agent method only while it is true."
+        ),
+    )
     restarts: int = Field(
         0,
         ge=0,

@@ -174,3 +174,16 @@ def parse_shutdown_mark(metadata_xml: str | None) -> ShutdownMark | None:
         )
     except (ET.ParseError, ValueError):
         return None
+
+
+def agent_connected(live_xml: str) -> bool | None:
+    """Whether a guest agent holds the domain's agent channel, as libvirt tracks it in the live definition
+    (the channel target's state, kept up to date from QEMU's port events); None without such a channel."""
+    try:
+        root = ET.fromstring(live_xml)
+    except ET.ParseError:
+        return None
+    for target in root.iterfind("devices/channel/target"):
+        if target.get("name") == _AGENT_CHANNEL:
+            return target.get("state") == "connected"
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import math
@@ -68,6 +69,20 @@ def _close_quietly(*conns: Any) -> None:
                 conn.close()
 
 
+class Lane(enum.Enum):
+    """Connections of their own, each with libvirtd's per-client limit (max_client_requests, 5 by default).
+
+    MAIN observes and takes ordinary actions. FORCE only destroys: at a deadline every millisecond is
+    overshoot, and a destroy waits out libvirt's 200 ms kill poll on the connection it uses. AGENT only
+    talks to guest agents: a hung agent holds its call until the agent timeout, and five of them would
+    hold a whole connection, every other VM's observe and force included.
+    """
+
+    MAIN = "main"
+    FORCE = "force"
+    AGENT = "agent"
+
+
 class HypervisorUnavailable(Exception):
     """libvirt cannot be reached; the VM's state is unknown until it can."""
 
@@ -111,6 +126,8 @@ def _metadata(domain: Any, uri: str, flags: int) -> str | None:
 def _state(domain: Any) -> tuple[DomainState, StopCause | None]:
     state, reason = domain.state()
     if state == libvirt.VIR_DOMAIN_PAUSED:
+        if reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+            return DomainState.PAUSED_ON_ERROR, None
         return DomainState.PAUSED, None
     if state == libvirt.VIR_DOMAIN_PMSUSPENDED:
         return DomainState.SUSPENDED, None
@@ -140,10 +157,7 @@ class Hypervisor:
         self._agent_timeout = agent_timeout
         self._graceful_destroy_timeout = graceful_destroy_timeout
         self._reconnect_max_backoff = reconnect_max_backoff
-        self._conn: Any = None
-        # Forced stops have a connection of their own: a call on a connection where other domains are being
-        # destroyed can wait out libvirt's 200 ms kill poll, and at a deadline every millisecond is overshoot.
-        self._force_conn: Any = None
+        self._lanes: dict[Lane, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost = asyncio.Event()
         self._up = asyncio.Event()
@@ -156,7 +170,7 @@ class Hypervisor:
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None
+        return bool(self._lanes)
 
     async def wait_connected(self) -> None:
         """Until the first connection: before it, nothing is known, and "not known yet" is not "gone"."""
@@ -174,7 +188,7 @@ class Hypervisor:
         if self._reconnector is not None:
             self._reconnector.cancel()
             await asyncio.gather(self._reconnector, return_exceptions=True)
-        conns, self._conn, self._force_conn = (self._conn, self._force_conn), None, None
+        conns, self._lanes = list(self._lanes.values()), {}
         await self._run(_close_quietly, *conns)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -183,7 +197,7 @@ class Hypervisor:
         while True:
             await self._lost.wait()
             try:
-                conn, force_conn = await self._run(self._connect)
+                lanes = await self._run(self._connect)
             except libvirt.libvirtError as error:
                 logger.warning(
                     "libvirt at %s is unreachable: %s; retrying in %.1fs",
@@ -196,23 +210,23 @@ class Hypervisor:
                 backoff = min(backoff * 2, self._reconnect_max_backoff)
                 continue
             backoff = 0.5
-            self._conn, self._force_conn = conn, force_conn
+            self._lanes = lanes
             self._lost.clear()
             self._up.set()
             logger.info("connected to libvirt at %s", self.uri, extra={"libvirt_uri": self.uri})
             self._on_connection_change(True)
 
-    def _connect(self) -> tuple[Any, Any]:
-        """Open both connections and subscribe to events (blocking calls, so they run in the pool)."""
-        opened: list[Any] = []
+    def _connect(self) -> dict[Lane, Any]:
+        """Open a connection per lane and subscribe to events (blocking calls, so they run in the pool)."""
+        opened: dict[Lane, Any] = {}
         try:
-            conn = libvirt.open(self.uri)
-            opened.append(conn)
-            force_conn = libvirt.open(self.uri)
-            opened.append(force_conn)
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
-            conn.registerCloseCallback(self._closed, None)
-            for c in opened:
+            for lane in Lane:
+                opened[lane] = libvirt.open(self.uri)
+            main = opened[Lane.MAIN]
+            main.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+            main.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._agent_lifecycle, None)
+            main.registerCloseCallback(self._closed, None)
+            for c in opened.values():
                 # Keepalive makes a dead daemon show as a closed connection instead of a hung call.
                 # In-process drivers (test:///default) have no daemon to lose and refuse it, which is fine.
                 try:
@@ -221,12 +235,16 @@ class Hypervisor:
                     if error.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                         raise
         except libvirt.libvirtError:
-            _close_quietly(*opened)
+            _close_quietly(*opened.values())
             raise
-        return conn, force_conn
+        return opened
 
     def _lifecycle(self, _conn: Any, domain: Any, event: int, detail: int, _opaque: Any) -> None:
         # On the libvirt-events thread: only hand over to the asyncio loop.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_domain_event, domain.name())
+
+    def _agent_lifecycle(self, _conn: Any, domain: Any, state: int, reason: int, _opaque: Any) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._on_domain_event, domain.name())
 
@@ -236,20 +254,20 @@ class Hypervisor:
         self._loop.call_soon_threadsafe(self._disconnected)
 
     def _disconnected(self) -> None:
-        if self._conn is None:
+        if not self._lanes:
             return
         # Closed, not only dropped: a connection that still lives would go on delivering events twice.
-        self._executor.submit(_close_quietly, self._conn, self._force_conn)
-        self._conn = self._force_conn = None
+        self._executor.submit(_close_quietly, *self._lanes.values())
+        self._lanes = {}
         self._lost.set()
         self._on_connection_change(False)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _call(self, what: str, fn: Callable[[Any], T], *, force_lane: bool = False) -> T:
+    async def _call(self, what: str, fn: Callable[[Any], T], *, lane: Lane = Lane.MAIN) -> T:
         """Run fn(connection) in the pool, turning libvirt's errors into the adapter's two kinds."""
-        conn = self._force_conn if force_lane else self._conn
+        conn = self._lanes.get(lane)
         if conn is None:
             raise HypervisorUnavailable(f"libvirt at {self.uri} is not connected")
         try:
@@ -264,7 +282,7 @@ class Hypervisor:
                 raise HypervisorError(f"{what}: {error}") from error
             # Only the connection still in use is torn down: a late failure on one already replaced must
             # not close its fresh successor.
-            if conn is self._conn or conn is self._force_conn:
+            if conn is self._lanes.get(lane):
                 self._disconnected()
             raise HypervisorUnavailable(f"libvirt at {self.uri}: {error}") from error
 
@@ -284,10 +302,11 @@ class Hypervisor:
             if owner_xml is None and state is not DomainState.STOPPED:
                 owner_xml = _metadata(domain, domainxml.METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             owner = domainxml.parse_owner(owner_xml)
-            mark = None
+            mark, agent = None, None
             if owner is not None and state is not DomainState.STOPPED:
                 mark_xml = _metadata(domain, domainxml.SHUTDOWN_MARK_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE)
                 mark = domainxml.parse_shutdown_mark(mark_xml)
+                agent = domainxml.agent_connected(domain.XMLDesc(0))
             return Domain(
                 uuid=domain.UUIDString(),
                 owner_uid=owner.uid if owner else None,
@@ -295,6 +314,7 @@ class Hypervisor:
                 state=state,
                 stop_cause=cause,
                 shutdown_mark=mark,
+                agent_connected=agent,
             )
 
         return await self._call(f"observing domain {name}", observe)
@@ -375,7 +395,7 @@ class Hypervisor:
             try:
                 if method is ShutdownMethod.AGENT:
                     await asyncio.wait_for(
-                        self._call(f"agent shutdown of {uuid}", self._agent_shutdown(uuid)),
+                        self._call(f"agent shutdown of {uuid}", self._agent_shutdown(uuid), lane=Lane.AGENT),
                         timeout=self._agent_timeout + 1,
                     )
                 else:
@@ -422,7 +442,7 @@ class Hypervisor:
         try:
             await asyncio.wait_for(
                 self._call(
-                    f"graceful destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL), force_lane=True
+                    f"graceful destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL), lane=Lane.FORCE
                 ),
                 timeout=self._graceful_destroy_timeout,
             )
@@ -434,4 +454,4 @@ class Hypervisor:
                 error or "timeout",
                 extra={"domain": uuid},
             )
-        await self._call(f"destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT), force_lane=True)
+        await self._call(f"destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT), lane=Lane.FORCE)

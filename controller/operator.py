@@ -112,6 +112,19 @@ def read_vm(body: dict[str, Any], status: VirtualMachineStatus) -> VirtualMachin
     )
 
 
+def _decided_on(body: dict[str, Any]) -> tuple[Any, ...]:
+    """What of the object a decision reads, besides the status the worker holds itself."""
+    meta = body["metadata"]
+    return (
+        meta.get("generation"),
+        meta.get("uid"),
+        meta.get("deletionTimestamp"),
+        tuple(meta.get("finalizers") or ()),
+        (meta.get("annotations") or {}).get(RESTART_ANNOTATION),
+        repr(body.get("spec")),
+    )
+
+
 def _resource_version(body: dict[str, Any]) -> int | None:
     try:
         return int(body["metadata"]["resourceVersion"])
@@ -156,12 +169,16 @@ class VmWorker:
     def update(self, body: dict[str, Any], fresh: bool = True) -> None:
         """Take a newer version of the object; a watch event older than our own last write is ignored.
 
-        fresh=False: only our own status write changed it, and there is nothing new to decide on.
+        The worker is woken only when something it decides on changed: the echo of its own status write
+        (fresh=False, or a watch event that differs from what it has only in status and version) is not
+        news, and waking on it would turn any decision that is not a fixed point into a hot loop.
         """
         new, old = _resource_version(body), _resource_version(self.body)
-        if new is None or old is None or new >= old:
-            self.body = body
-        if fresh:
+        if new is not None and old is not None and new < old:
+            return
+        news = fresh and _decided_on(body) != _decided_on(self.body)
+        self.body = body
+        if news:
             self.wake()
 
     def wake(self) -> None:
@@ -395,6 +412,7 @@ class VmWorker:
             )
         except TimeoutError:
             method, refusals = None, "no method answered before the deadline"
+        refusals = "; ".join(part for part in (action.skipped, refusals) if part)
         return after_request(status, method=method, refusals=refusals, now=self._op.clock.now())
 
 

@@ -33,6 +33,8 @@ from controller.shutdown import ShutdownMark
 class DomainState(StrEnum):
     RUNNING = "Running"
     PAUSED = "Paused"
+    # Paused by QEMU on a disk I/O error (a full disk): resumed, it pauses again at once; it cannot hear.
+    PAUSED_ON_ERROR = "PausedOnError"
     # Suspended to RAM by the guest (ACPI S3): it cannot be resumed, only woken up.
     SUSPENDED = "Suspended"
     SHUTTING_DOWN = "ShuttingDown"
@@ -58,6 +60,8 @@ class Domain:
     state: DomainState
     stop_cause: StopCause | None = None
     shutdown_mark: ShutdownMark | None = None
+    # A guest agent holds the agent channel (None: no channel, or the domain is not running).
+    agent_connected: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class ActionKind(StrEnum):
 class Action:
     kind: ActionKind
     methods: tuple[ShutdownMethod, ...] = ()
+    # Why a policy's method is not among `methods` (recorded with the request's attempt).
+    skipped: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,11 +208,16 @@ class _Decision:
     ready: tuple[str, str, str] = ("Unknown", "Reconciling", "")
     synced: tuple[str, str, str] = ("True", "Reconciled", "")
     overdue: tuple[str, str, str] | None = None
+    agent: tuple[str, str, str] | None = None
     mark: ShutdownMark | None = None
     failure: Failure | None = None
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
+
+    def held_back(self, kind: ActionKind) -> bool:
+        """This action failed and waits for its retry: the step takes it not, and so records nothing of it."""
+        return self.failure is not None and self.failure.action is kind and self.now < self.failure.retry_at
 
     def update(self, **changes: object) -> None:
         self.status = self.status.model_copy(update=changes)
@@ -225,7 +236,12 @@ class _Decision:
         resync_at = self.now + self.settings.resync
         conditions = list(self.status.conditions)
         generation = self.vm.generation
-        for type_, value in (("Ready", self.ready), ("Synced", self.synced), ("ShutdownOverdue", self.overdue)):
+        for type_, value in (
+            ("Ready", self.ready),
+            ("Synced", self.synced),
+            ("ShutdownOverdue", self.overdue),
+            ("AgentConnected", self.agent),
+        ):
             if value is None:
                 continue
             condition_status, reason, message = value
@@ -295,6 +311,9 @@ def decide(
     if domain is not None:
         d.update(shutdown=shutdown.adopt(vm.status.shutdown, domain.shutdown_mark))
         d.update(domain_name=_domain_name(vm), domain_uuid=domain.uuid, power_state=_observed(domain, d.status))
+        if vm.spec is not None and vm.spec.domain.guest_agent:
+            d.update(agent_connected=domain.agent_connected is True)
+            d.agent = _agent_condition(domain)
 
     if vm.deleting:
         return _delete(d, spec, domain)
@@ -362,6 +381,19 @@ def decide(
     return _run(d, spec, domain, target, blocked=bool(storage_problems), restart=restart_pending)
 
 
+def _agent_condition(domain: Domain) -> tuple[str, str, str]:
+    if domain.state is DomainState.STOPPED:
+        return ("False", "DomainStopped", "")
+    if domain.agent_connected:
+        return ("True", "Connected", "")
+    return (
+        "False",
+        "NotConnected",
+        "no guest agent holds the channel (is qemu-guest-agent installed and running in the guest?): "
+        "shutdown requests go to the next method",
+    )
+
+
 def domain_name(namespace: str, name: str) -> str:
     """The libvirt domain's name for the VM namespace/name: `<namespace>_<name>` whenever that fits.
 
@@ -389,7 +421,7 @@ def _observed(domain: Domain, status: VirtualMachineStatus) -> ObservedPowerStat
     match domain.state:
         case DomainState.RUNNING:
             return ObservedPowerState.SHUTTING_DOWN if active else ObservedPowerState.RUNNING
-        case DomainState.PAUSED | DomainState.SUSPENDED:
+        case DomainState.PAUSED | DomainState.PAUSED_ON_ERROR | DomainState.SUSPENDED:
             return ObservedPowerState.PAUSED
         case DomainState.SHUTTING_DOWN:
             return ObservedPowerState.SHUTTING_DOWN
@@ -466,6 +498,11 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
     step = shutdown.next_step(policy, record, d.now)
     d.update(shutdown=step.record)
     d.mark = shutdown.mark(step.record, policy)
+    if domain.state is DomainState.PAUSED_ON_ERROR and step.kind is not shutdown.StepKind.FORCE:
+        # It cannot hear, and resuming it only pauses it again: the deadline forces it.
+        d.ready = ("False", "PausedOnIOError", _PAUSED_ON_ERROR)
+        deadline = step.record.deadline
+        return d.plan(wake_at=deadline if deadline is not None and d.now < deadline else None)
     if domain.state in (DomainState.PAUSED, DomainState.SUSPENDED) and step.kind is not shutdown.StepKind.FORCE:
         return _resume_to_hear(d, domain)
     d.update(power_state=ObservedPowerState.SHUTTING_DOWN)
@@ -485,8 +522,19 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
         case shutdown.StepKind.FORCE:
             return d.plan(Action(ActionKind.FORCE_OFF))
         case shutdown.StepKind.REQUEST:
-            return d.plan(Action(ActionKind.REQUEST_SHUTDOWN, methods=step.methods))
+            methods, skipped = step.methods, ""
+            if ShutdownMethod.AGENT in methods and domain.agent_connected is not True:
+                # Asking an agent that is not there costs the agent timeout, for nothing: the next method now.
+                methods = tuple(m for m in methods if m is not ShutdownMethod.AGENT)
+                skipped = "Agent: not connected"
+            return d.plan(Action(ActionKind.REQUEST_SHUTDOWN, methods=methods, skipped=skipped))
     return d.plan(wake_at=step.wake_at)
+
+
+_PAUSED_ON_ERROR = (
+    "QEMU paused the guest on a disk I/O error (a full or failing disk); vmop does not resume it, since it "
+    "would pause again at once: free the disk and resume it (virsh resume), or stop the VM"
+)
 
 
 def _resume_to_hear(d: _Decision, domain: Domain) -> Plan:
@@ -509,7 +557,8 @@ def _run(
     d: _Decision, spec: VirtualMachineSpec, domain: Domain, target: PowerState, *, blocked: bool, restart: bool
 ) -> Plan:
     record = active_stop(d.status)
-    if domain.state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SUSPENDED) and record is not None:
+    alive = (DomainState.RUNNING, DomainState.PAUSED, DomainState.PAUSED_ON_ERROR, DomainState.SUSPENDED)
+    if domain.state in alive and record is not None:
         assert record.purpose is not ShutdownPurpose.NONE
         d.update(shutdown=shutdown.complete(record, ShutdownOutcome.CANCELLED, d.now))
         d.update(power_state=_observed(domain, d.status))  # with the stop ended: Running, not ShuttingDown
@@ -532,6 +581,9 @@ def _run(
             d.ready = ("False", "WakingUp", "")
             d.event("Normal", "WakingUp", "waking the guest up from its suspend to RAM")
             return d.plan(Action(ActionKind.WAKE_UP))
+        case DomainState.PAUSED_ON_ERROR:
+            d.ready = ("False", "PausedOnIOError", _PAUSED_ON_ERROR)
+            return d.plan()
         case DomainState.RUNNING | DomainState.PAUSED | DomainState.SUSPENDED:
             d.ready = ("True", target.value, "")
             return d.plan()
@@ -623,8 +675,9 @@ def _start(d: _Decision, blocked: bool, why: str, *, restarts: int = 0) -> Plan:
         d.ready = ("False", "StorageNotAllowed", "not started while the spec's paths are refused")
         return d.plan()
     d.ready = ("False", "Starting", why)
-    d.update(started_at=d.now, restarts=restarts)
-    d.event("Normal", "Starting", why)
+    if not d.held_back(ActionKind.START):
+        d.update(started_at=d.now, restarts=restarts)
+        d.event("Normal", "Starting", why)
     return d.plan(Action(ActionKind.START))
 
 

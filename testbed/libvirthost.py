@@ -25,7 +25,14 @@ from typing import Literal, cast, get_args
 
 import libvirt
 
-from testbed.guests import STUBBORN_CMDLINE, GuestImages, build_images, cache_root, coop_cmdline
+from testbed.guests import (
+    AGENT_CHANNEL,
+    STUBBORN_CMDLINE,
+    GuestImages,
+    build_images,
+    cache_root,
+    coop_cmdline,
+)
 from testbed.processes import tail_file
 from testbed.reaper import Reaper, ReaperError
 from testbed.wait import wait_until
@@ -46,9 +53,10 @@ _TB_CACHE_MIB: dict[GuestKind, int] = {"coop": 16, "stubborn": 8, "firmware": 4}
 _KVM_PROBE_TIMEOUT = 20.0
 _DAEMON_STOP_TIMEOUT = 15.0
 
-# The QEMU monitor socket, $XDG_CONFIG_HOME/libvirt/qemu/lib/domain-<id>-<20 chars>/monitor.sock, is the
-# longest socket path the daemon creates; AF_UNIX paths end at 107 bytes.
-_MAX_WORKDIR_LEN = 107 - len("/cfg/libvirt/qemu/lib/domain-99999-12345678901234567890/monitor.sock")
+# The guest agent's channel socket, $XDG_CONFIG_HOME/libvirt/qemu/channel/target/domain-<id>-<20 chars>/
+# org.qemu.guest_agent.0, is the longest socket path the daemon creates (longer than QEMU's monitor
+# socket); AF_UNIX paths end at 107 bytes. Hence the short work directory name below.
+_MAX_WORKDIR_LEN = 107 - len("/c/libvirt/qemu/channel/target/domain-99999-12345678901234567890/org.qemu.guest_agent.0")
 
 _PREREQUISITES = {
     "libvirtd": "libvirt-daemon",
@@ -115,7 +123,7 @@ class LibvirtHost:
         self.daemon_log = self.log_dir / "libvirtd.log"
         self.qemu_log_dir = workdir / "cache" / "libvirt" / "qemu" / "log"
         self.runtime_dir = workdir / "run"
-        self._config_home = workdir / "cfg"
+        self._config_home = workdir / "c"  # short: see _MAX_WORKDIR_LEN
         self.uri = f"qemu+unix:///session?socket={self.runtime_dir}/libvirt/libvirt-sock"
         self.images = GuestImages(
             kernel=self.storage_dir / images.kernel.name,
@@ -142,7 +150,7 @@ class LibvirtHost:
             raise LibvirtHostError("the libvirt test bed needs: " + "; ".join(missing))
         images = build_images()
         if workdir is None:
-            workdir = Path(tempfile.mkdtemp(prefix="vmop-libvirt-", dir="/var/tmp"))
+            workdir = Path(tempfile.mkdtemp(prefix="vl-", dir="/var/tmp"))
         if len(str(workdir)) > _MAX_WORKDIR_LEN:
             raise LibvirtHostError(f"work directory {workdir} is too long for QEMU's monitor socket path")
         host = cls(workdir, images)
@@ -457,7 +465,13 @@ class LibvirtHost:
         memory_mib: int | None = None,
         ignore_presses: int = 0,
         shutdown_delay: float = 0.0,
+        agent_channel: bool = False,
+        agent: str = "absent",
     ) -> str:
+        """The domain the bed boots for `kind`. agent_channel adds the guest agent's virtio channel, as the
+        operator's domain XML has it when spec.guestAgent is true (any kind: on a stubborn or firmware
+        guest nothing ever answers on it); agent says what a coop guest runs there (see
+        testbed.guests.AGENT_MODES), and any mode but absent needs the channel."""
         return self._domain_xml(
             name,
             kind,
@@ -465,6 +479,8 @@ class LibvirtHost:
             memory_mib=memory_mib,
             ignore_presses=ignore_presses,
             shutdown_delay=shutdown_delay,
+            agent_channel=agent_channel,
+            agent=agent,
         )
 
     def _domain_xml(
@@ -476,11 +492,15 @@ class LibvirtHost:
         memory_mib: int | None = None,
         ignore_presses: int = 0,
         shutdown_delay: float = 0.0,
+        agent_channel: bool = False,
+        agent: str = "absent",
     ) -> str:
         if kind not in _MEMORY_MIB:
             raise ValueError(f"unknown guest kind {kind!r}; expected one of {get_args(GuestKind)}")
-        if kind != "coop" and (ignore_presses or shutdown_delay):
-            raise ValueError(f"ignore_presses and shutdown_delay apply to coop guests, not {kind}")
+        if kind != "coop" and (ignore_presses or shutdown_delay or agent != "absent"):
+            raise ValueError(f"ignore_presses, shutdown_delay and agent apply to coop guests, not {kind}")
+        if agent != "absent" and not agent_channel:
+            raise ValueError(f"agent={agent!r} needs agent_channel=True: the guest serves the agent on that channel")
         domain = ET.Element("domain", type=domain_type)
         ET.SubElement(domain, "name").text = name
         ET.SubElement(domain, "memory", unit="MiB").text = str(memory_mib or _MEMORY_MIB[kind])
@@ -493,7 +513,7 @@ class LibvirtHost:
         else:
             initrd = self.images.coop_initrd if kind == "coop" else self.images.stubborn_initrd
             cmdline = (
-                coop_cmdline(ignore_presses=ignore_presses, shutdown_delay=shutdown_delay)
+                coop_cmdline(ignore_presses=ignore_presses, shutdown_delay=shutdown_delay, agent=agent)
                 if kind == "coop"
                 else STUBBORN_CMDLINE
             )
@@ -514,6 +534,10 @@ class LibvirtHost:
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=str(self.console_dir / f"{name}.log"), append="off")
         ET.SubElement(serial, "target", port="0")
+        if agent_channel:
+            # libvirt picks the socket's path itself, as for the operator's domains
+            channel = ET.SubElement(devices, "channel", type="unix")
+            ET.SubElement(channel, "target", type="virtio", name=AGENT_CHANNEL)
         ET.SubElement(devices, "memballoon", model="none")
         return ET.tostring(domain, encoding="unicode")
 
@@ -525,11 +549,19 @@ class LibvirtHost:
         memory_mib: int | None = None,
         ignore_presses: int = 0,
         shutdown_delay: float = 0.0,
+        agent_channel: bool = False,
+        agent: str = "absent",
     ) -> libvirt.virDomain:
         """Define a persistent domain and start it; persistent because the operator manages defined
         domains, and a transient one would vanish on shut-off before a test can inspect it."""
         xml = self.guest_xml(
-            name, kind, memory_mib=memory_mib, ignore_presses=ignore_presses, shutdown_delay=shutdown_delay
+            name,
+            kind,
+            memory_mib=memory_mib,
+            ignore_presses=ignore_presses,
+            shutdown_delay=shutdown_delay,
+            agent_channel=agent_channel,
+            agent=agent,
         )
         dom = self._connection().defineXML(xml)
         try:

@@ -189,6 +189,7 @@ def vm_manifest(
     shutdown_delay: float = 0.0,
     poweroff_after: float | None = None,
     suspend_after: float | None = None,
+    agent: str | None = None,
     domain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A VirtualMachine running one of the bed's guests: coop (ACPI-obedient), stubborn, or firmware-only."""
@@ -203,7 +204,10 @@ def vm_manifest(
                 shutdown_delay=shutdown_delay,
                 poweroff_after=poweroff_after,
                 suspend_after=suspend_after,
+                agent=agent or "absent",
             ),
+            # agent=None: no channel at all; any mode (absent included) gets the channel.
+            "guestAgent": agent is not None,
         },
         "stubborn": {
             "memoryMiB": 96,

@@ -49,6 +49,7 @@ class FakeDomain:
     mark: ShutdownMark | None = None
     stubborn: bool = True  # ignores shutdown requests
     starts: int = 0
+    agent_connected: bool | None = None
 
 
 @dataclass
@@ -107,7 +108,7 @@ class FakeHypervisor:
         d = self.domains.get(name)
         if d is None:
             return None
-        return Domain(d.uuid, d.owner_uid, d.spec_hash, d.state, d.stop_cause, d.mark)
+        return Domain(d.uuid, d.owner_uid, d.spec_hash, d.state, d.stop_cause, d.mark, d.agent_connected)
 
     async def shutdown_marks(self) -> list[tuple[str, str, ShutdownMark]]:
         self._check("")
@@ -151,6 +152,8 @@ class FakeHypervisor:
         self._check(uuid)
         self.requests.append((uuid, self.clock.now()))
         domain = self.by_uuid(uuid)
+        if not methods:
+            return None, ""
         if not domain.stubborn:
             asyncio.get_running_loop().call_later(
                 self.cooperative_delay,

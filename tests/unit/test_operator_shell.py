@@ -353,3 +353,25 @@ def test_a_bug_in_one_step_shows_on_the_vm_and_the_worker_goes_on() -> None:
         await env.op.stop()
 
     scenario(run)
+
+
+def test_a_request_that_skips_a_disconnected_agent_says_so_in_its_attempt() -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        spec = {
+            "nodeName": "node-a",
+            "shutdownPolicy": {"methods": ["Agent", "ACPI"], "gracePeriodSeconds": 30},
+            "domain": {"memoryMiB": 64, "guestAgent": True},
+        }
+        env.op.object_event("ADDED", env.kube.create("web", spec))
+        await until(lambda: env.kube.status("web").get("powerState") == "Running", what="Running")
+        assert env.kube.status("web")["agentConnected"] is False
+        env.edit("web", powerState="Stopped")
+        await until(lambda: env.shutdown("web").get("attempts") == 1, within=10, what="the request reported")
+        attempt = env.shutdown("web")["recentAttempts"][-1]
+        assert attempt["method"] == "ACPI"
+        assert attempt["message"] == "Agent: not connected"
+        await env.op.stop()
+
+    scenario(run)

@@ -469,6 +469,8 @@ def test_wake_at_is_the_next_retry_or_the_deadline_whichever_first(
 
 def test_methods_are_passed_to_the_action_in_order() -> None:
     w = running(make_spec(methods=[ShutdownMethod.AGENT, ShutdownMethod.ACPI]))
+    assert w.domain is not None
+    w.domain = replace(w.domain, agent_connected=True)
     w.edit(power_state=STOPPED)
     plan = w.step()
     assert plan.action is not None
@@ -1185,3 +1187,81 @@ def test_a_suspended_guest_is_woken_up_when_it_should_run() -> None:
     w.domain = replace(w.domain, state=DomainState.SUSPENDED)
     assert w.settle() == [A.WAKE_UP]
     assert cond(w.status, "Ready") == ("True", "Running")
+
+
+def agent_spec(**policy: object) -> VirtualMachineSpec:
+    spec = make_spec(methods=[ShutdownMethod.AGENT, ShutdownMethod.ACPI], **policy)
+    return spec.model_copy(update={"domain": spec.domain.model_copy(update={"guest_agent": True})})
+
+
+def test_an_agent_that_is_not_connected_is_not_asked_and_the_record_says_so() -> None:
+    w = running(agent_spec())
+    assert cond(w.status, "AgentConnected") == ("False", "NotConnected")
+    assert w.status.agent_connected is False
+    w.edit(power_state=STOPPED)
+    plan = w.step()
+    assert plan.action is not None
+    assert plan.action.methods == (ShutdownMethod.ACPI,), "ACPI at once, not after the agent timeout"
+    assert plan.action.skipped == "Agent: not connected"
+
+
+def test_a_connected_agent_is_asked_first_and_shows_in_the_status() -> None:
+    w = running(agent_spec())
+    assert w.domain is not None
+    w.domain = replace(w.domain, agent_connected=True)
+    w.settle()
+    assert cond(w.status, "AgentConnected") == ("True", "Connected")
+    assert w.status.agent_connected is True
+    w.edit(power_state=STOPPED)
+    plan = w.step()
+    assert plan.action is not None
+    assert plan.action.methods == (ShutdownMethod.AGENT, ShutdownMethod.ACPI)
+    assert plan.action.skipped == ""
+
+
+def test_vms_without_an_agent_channel_have_no_agent_condition() -> None:
+    w = running()
+    assert w.status.condition("AgentConnected") is None
+    assert w.status.agent_connected is None
+
+
+def test_an_action_held_back_after_a_failure_is_a_fixed_point() -> None:
+    """Deciding again before the retry changes nothing and posts nothing: no status write, no loop."""
+    w = running()
+    w.edit(power_state=STOPPED)
+    w.settle()
+    w.stops(StopCause.SHUTDOWN)
+    w.settle()
+    w.refuse[A.START] = "internal error: UNIX socket path too long"
+    w.edit(power_state=RUNNING)
+    assert w.settle() == [A.START]
+    w.advance(s(0.5))
+    assert_fixed_point(w)
+
+
+def test_a_guest_paused_on_an_io_error_is_not_resumed_and_is_forced_at_the_deadline() -> None:
+    w = running(make_spec(grace_period_seconds=30))
+    assert w.domain is not None
+    w.domain = replace(w.domain, state=DomainState.PAUSED_ON_ERROR)
+    assert w.settle() == [], "never resumed in a loop while it should run"
+    assert cond(w.status, "Ready") == ("False", "PausedOnIOError")
+    w.edit(power_state=STOPPED)
+    plan = w.step()
+    assert plan.action is None, "it cannot hear: no resume, no request"
+    assert plan.status.shutdown is not None
+    assert plan.wake_at == T0 + s(30)
+    w.advance(s(30))
+    assert w.settle() == [A.FORCE_OFF]
+
+
+def test_a_guest_paused_on_an_io_error_past_an_unforced_deadline_does_not_spin() -> None:
+    w = running(make_spec(grace_period_seconds=5, force_after_deadline=False))
+    assert w.domain is not None
+    w.domain = replace(w.domain, state=DomainState.PAUSED_ON_ERROR)
+    w.edit(power_state=STOPPED)
+    w.step()
+    w.advance(s(10))
+    plan = w.step()
+    assert plan.action is None
+    assert plan.wake_at is not None
+    assert plan.wake_at > w.now, "no wake in the past: it would spin"
