@@ -80,7 +80,13 @@ def test_a_start_libvirt_refuses_shows_in_the_conditions_until_it_is_fixed(
 def test_a_guest_suspended_to_ram_is_woken_to_hear_the_stop(vmop: Vmop) -> None:
     """Asked to stop while it sleeps (its operator was away: one that watches wakes it, as powerState says)."""
     operator = vmop.start_operator()
-    vmop.create("sleeper", kind="coop", suspend_after=8, shutdown_policy={"gracePeriodSeconds": 5})
+    # A press right after the wake-up can come before the guest listens again: the resends are for that.
+    vmop.create(
+        "sleeper",
+        kind="coop",
+        suspend_after=8,
+        shutdown_policy={"gracePeriodSeconds": 10, "retryIntervalSeconds": 1},
+    )
     vmop.wait_running("sleeper")
     operator.stop()
     assert vmop.domain_state("sleeper") == libvirt.VIR_DOMAIN_RUNNING, "it went to sleep too early for the test"
