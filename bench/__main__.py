@@ -1,7 +1,8 @@
 """`make bench` (`python -m bench`): every benchmark on one fresh test bed, a table, bench/results/latest.json.
 
 The sizes are chosen so that the whole run stays under 10 minutes on the project's 2-core machine; the
-slowest part is libvirt-guests' serial baseline, which waits the full grace period for each stubborn guest.
+slowest parts are libvirt-guests' serial baseline, which waits the full grace period for each stubborn guest,
+and the agent section, which boots 14 Linux guests.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report, scale, shutdown
+from bench import agent, report, scale, shutdown
 from bench.bed import Bed
 from bench.libvirt_guests import libvirt_guests_baseline
 from testbed.vmop import ROOT
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-SECTIONS = ("deadline", "graceful", "parallel", "scale")
+SECTIONS = ("deadline", "graceful", "parallel", "agent", "scale")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Sizes:
     parallel_coop: int = 4
     parallel_stubborn: int = 16
     parallel_grace: int = 5
+    agent_hung: int = 10
+    agent_neighbours: int = 8
+    agent_neighbour_grace: int = 3
     scale_vms: int = 1000
     foreign_own: int = 10
     idle_vms: int = 200
@@ -48,6 +52,8 @@ QUICK = Sizes(
     parallel_coop=1,
     parallel_stubborn=3,
     parallel_grace=3,
+    agent_hung=2,
+    agent_neighbours=2,
     scale_vms=60,
     foreign_own=5,
     idle_vms=20,
@@ -95,6 +101,10 @@ def _parallel(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
     }
 
 
+def _agent(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
+    results["agent"] = agent.agent_costs(bed, sizes.agent_hung, sizes.agent_neighbours, sizes.agent_neighbour_grace)
+
+
 def _scale(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
     results["idle"], baseline = scale.idle(bed, sizes.idle_vms, sizes.foreign_own, sizes.idle_seconds)
     results["scale"] = scale.scale(bed, sizes.scale_vms, sizes.foreign_own, baseline)
@@ -104,6 +114,7 @@ RUNNERS: dict[str, Callable[[Bed, Sizes, dict[str, Any]], None]] = {
     "deadline": _deadline,
     "graceful": _graceful,
     "parallel": _parallel,
+    "agent": _agent,
     "scale": _scale,
 }
 

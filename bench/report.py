@@ -53,6 +53,57 @@ def _f(value: Any, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
+def _libvirt_call(c: dict[str, Any]) -> str:
+    if c.get("blocked") is None:
+        how = f"still blocked after {_f(c.get('still_blocked_after'), 0)} s"
+    else:
+        how = f"returned after {_f(c['blocked'], 2)} s"
+        how += f", failed: {c['error']}" if c.get("error") else ", no error"
+    how += ", ACPI press reached the guest" if c.get("acpi_press_accepted") else ", no ACPI press"
+    stopped = c.get("call_to_stopped")
+    return how + (f"; stopped +{_f(stopped, 2)} s" if stopped is not None else "; guest left running")
+
+
+def _agent_rows(a: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    v = a.get("vmop") or {}
+    if "requested_to_first_attempt" in v:
+        rows.append(
+            (
+                f"hung agent: vmop stop [Agent, ACPI], agent timeout {_f(v['agent_timeout'], 0)} s",
+                f"first attempt +{_f(v['requested_to_first_attempt'], 2)} s ({v['first_attempt_method']} accepted), "
+                f"stopped +{_f(v.get('requested_to_stopped'), 2)} s",
+                "~agent timeout",
+            )
+        )
+    for key, label in (
+        ("libvirt_default", "shutdownFlags(0), same guest"),
+        ("libvirt_acpi", "shutdownFlags(ACPI_POWER_BTN), same guest"),
+        ("libvirt_default_ignore", "shutdownFlags(0), agent ignoring shutdown"),
+    ):
+        c = a.get(key) or {}
+        if "flags" in c:
+            rows.append((f"  libvirt {label}", _libvirt_call(c), ""))
+    n = a.get("neighbour") or {}
+    for key, label in (
+        ("in_flight", f"{n.get('hung_guests')} hung-agent stops in flight"),
+        ("idle", f"{n.get('hung_guests')} hung-agent guests idle"),
+        ("none", "no hung agents"),
+    ):
+        d = n.get(key) or {}
+        if "p50" not in d:
+            continue
+        first = key == "in_flight"
+        rows.append(
+            (
+                f"neighbour force overshoot, {label} (s)" if first else f"  {label}",
+                f"p50 {_f(d['p50'])}  p99 {_f(d['p99'])}  max {_f(d['max'])}  early {d.get('forced_before_deadline')}",
+                "same as without" if first else "",
+            )
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str]] = []
     for n, d in (results.get("deadline_overshoot") or {}).items():
@@ -95,6 +146,7 @@ def table(results: dict[str, Any]) -> str:
                 "",
             )
         )
+    rows += _agent_rows(results.get("agent") or {})
     s = results.get("scale") or {}
     if "converge" in s:
         rows.append(
