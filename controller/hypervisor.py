@@ -69,6 +69,10 @@ def _close_quietly(*conns: Any) -> None:
                 conn.close()
 
 
+# As many agent calls at once as libvirtd serves on one connection by default (max_client_requests).
+_AGENT_THREADS = 5
+
+
 class Lane(enum.Enum):
     """Connections of their own, each with libvirtd's per-client limit (max_client_requests, 5 by default).
 
@@ -154,6 +158,11 @@ class Hypervisor:
         self._on_domain_event: Callable[[str], None] = lambda _name: None
         self._on_connection_change: Callable[[bool], None] = lambda _up: None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        # Agent calls have threads of their own, and few: libvirt holds a guest-shutdown that an agent
+        # accepted but did not act on for a fixed 60 s, whatever the agent timeout, and each retry adds
+        # one. In the shared pool such calls could take every thread and hold up other VMs' forces; here
+        # a queued agent call only runs out of its own timeout, and the request goes on to ACPI.
+        self._agent_executor = ThreadPoolExecutor(max_workers=_AGENT_THREADS, thread_name_prefix="libvirt-agent")
         self._agent_timeout = agent_timeout
         self._graceful_destroy_timeout = graceful_destroy_timeout
         self._reconnect_max_backoff = reconnect_max_backoff
@@ -191,6 +200,7 @@ class Hypervisor:
         conns, self._lanes = list(self._lanes.values()), {}
         await self._run(_close_quietly, *conns)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._agent_executor.shutdown(wait=False, cancel_futures=True)
 
     async def _keep_connected(self) -> None:
         backoff = 0.5
@@ -262,8 +272,9 @@ class Hypervisor:
         self._lost.set()
         self._on_connection_change(False)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _run(self, fn: Callable[..., T], *args: Any, lane: Lane = Lane.MAIN) -> T:
+        executor = self._agent_executor if lane is Lane.AGENT else self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def _call(self, what: str, fn: Callable[[Any], T], *, lane: Lane = Lane.MAIN) -> T:
         """Run fn(connection) in the pool, turning libvirt's errors into the adapter's two kinds."""
@@ -271,7 +282,7 @@ class Hypervisor:
         if conn is None:
             raise HypervisorUnavailable(f"libvirt at {self.uri} is not connected")
         try:
-            return await self._run(fn, conn)
+            return await self._run(fn, conn, lane=lane)
         except UnicodeDecodeError as error:
             # libvirt-python raises this instead of libvirtError when libvirt's message is not UTF-8 (a
             # path or a QEMU message in another encoding): still that request's failure, with what is legible.
