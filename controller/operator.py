@@ -68,6 +68,7 @@ Key = tuple[str, str]
 _MAX_BACKOFF = 60.0
 # Past a deadline whose force failed, it is tried again this often, whatever the backoff says.
 _OVERDUE_RETRY = 1.0
+_FIRST_RELIST_RETRY = 2.0
 
 
 class _RetryForever:
@@ -482,13 +483,20 @@ class Operator:
         is left as it is: an orphan is never restarted. Objects in the list refresh their workers, so a
         deletion whose update was missed is seen too.
         """
+        # The first one at once, and again every few seconds until it succeeds: kopf's own list may never
+        # come (its discovery, run while the API server was still coming back, can miss the CRD, and kopf
+        # does not look again), and a stop the backstop forced meanwhile must be reported within seconds.
+        delay, listed_once = 0.0, False
         while True:
-            await asyncio.sleep(self.decision_settings.resync.total_seconds())
+            await asyncio.sleep(delay)
+            delay = self.decision_settings.resync.total_seconds() if listed_once else _FIRST_RELIST_RETRY
             try:
                 items, list_version = await self.kube.list_node(self.settings.node_name)
             except KubeError as error:
                 logger.warning("relist failed: %s", error)
                 continue
+            listed_once = True
+            delay = self.decision_settings.resync.total_seconds()
             listed = set()
             for body in items:
                 listed.add((body["metadata"]["namespace"], body["metadata"]["name"]))
