@@ -486,17 +486,16 @@ class Operator:
         # The first one at once, and again every few seconds until it succeeds: kopf's own list may never
         # come (its discovery, run while the API server was still coming back, can miss the CRD, and kopf
         # does not look again), and a stop the backstop forced meanwhile must be reported within seconds.
-        delay, listed_once = 0.0, False
+        resync = self.decision_settings.resync.total_seconds()
+        listed_once = False
         while True:
-            await asyncio.sleep(delay)
-            delay = self.decision_settings.resync.total_seconds() if listed_once else _FIRST_RELIST_RETRY
             try:
                 items, list_version = await self.kube.list_node(self.settings.node_name)
             except KubeError as error:
                 logger.warning("relist failed: %s", error)
+                await asyncio.sleep(resync if listed_once else _FIRST_RELIST_RETRY)
                 continue
             listed_once = True
-            delay = self.decision_settings.resync.total_seconds()
             listed = set()
             for body in items:
                 listed.add((body["metadata"]["namespace"], body["metadata"]["name"]))
@@ -508,6 +507,7 @@ class Operator:
                         "%s/%s is gone (not in the relist): its worker stops", *key, extra={"vm": "/".join(key)}
                     )
                     self._forget(worker)
+            await asyncio.sleep(resync)
 
     def _forget(self, worker: VmWorker) -> None:
         worker.cancel()
