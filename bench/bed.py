@@ -38,6 +38,7 @@ from testbed.vmop import (
     OperatorProcess,
     Vms,
     install,
+    node_kubeconfig,
     parse_time,
 )
 from testbed.wait import wait_until
@@ -346,7 +347,7 @@ class Bed:
         self.audit = audit
         self.libvirt = libvirt_host
         self.log_dir = log_dir
-        self.kubeconfig = install(control_plane)
+        install(control_plane)
         self.api = admin_client(control_plane)
         self.listener = LifecycleListener(libvirt_host.uri)
         self._operators: list[OperatorProcess] = []
@@ -399,7 +400,7 @@ class Bed:
     def operator(self, node_name: str, *extra_args: str) -> OperatorProcess:
         """An operator at INFO level, as deployed: at DEBUG, kopf's per-event logging would be measured too."""
         operator = OperatorProcess(
-            kubeconfig=self.kubeconfig,
+            kubeconfig=node_kubeconfig(self.control_plane, node_name),
             node_name=node_name,
             libvirt=self.libvirt,
             log_path=self.log_dir / f"operator-{node_name}.log",

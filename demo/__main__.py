@@ -1,9 +1,10 @@
 """`make demo` (`python -m demo`): one command from a fresh machine to a graceful and a forced stop, told.
 
-It runs vmop exactly as the end-to-end tests do (CRD and RBAC from manifests/, the operator with its
-ServiceAccount's token) and shows what a user of the cluster would see: `kubectl get`, the Events, and
-the shutdown record in the status. Everything it starts is stopped by PID or through its API, also on
-failure or Ctrl-C; the logs of a failed run are kept under test-logs/demo/.
+It runs vmop exactly as the end-to-end tests do (CRD, RBAC and admission policy from manifests/, the
+operator with its ServiceAccount's token bound to its node) and shows what a user of the cluster would
+see: `kubectl get`, the Events, and the shutdown record in the status. Everything it starts is stopped
+by PID or through its API, also on failure or Ctrl-C; the logs of a failed run are kept under
+test-logs/demo/.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 
 from testbed.controlplane import ControlPlane
 from testbed.libvirthost import LibvirtHost
-from testbed.vmop import ROOT, OperatorProcess, Vms, condition, install, parse_time, vm_manifest
+from testbed.vmop import ROOT, OperatorProcess, Vms, condition, install, node_kubeconfig, parse_time, vm_manifest
 
 NAMESPACE = "demo"
 NODE = "demo-node"
@@ -194,10 +195,16 @@ def main() -> int:
         libvirt = LibvirtHost.start()
         try:
             print(f"  libvirtd {libvirt.uri} (domain type {libvirt.domain_type})")
-            heading("install vmop from manifests/ (CRD, namespace, RBAC) and run the operator as its ServiceAccount")
-            kubeconfig = install(control_plane)
+            heading(
+                "install vmop from manifests/ (CRD, namespace, RBAC, node-authority policy) and run the operator "
+                "with its ServiceAccount's token, bound to its node"
+            )
+            install(control_plane)
             operator = OperatorProcess(
-                kubeconfig=kubeconfig, node_name=NODE, libvirt=libvirt, log_path=LOG_DIR / "operator.log"
+                kubeconfig=node_kubeconfig(control_plane, NODE),
+                node_name=NODE,
+                libvirt=libvirt,
+                log_path=LOG_DIR / "operator.log",
             )
             try:
                 operator.start()

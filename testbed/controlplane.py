@@ -38,7 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes.client import (
     AuthenticationV1TokenRequest,
+    V1BoundObjectReference,
     V1Namespace,
+    V1Node,
     V1ObjectMeta,
     V1ServiceAccount,
     V1TokenRequestSpec,
@@ -619,11 +621,16 @@ class ControlPlane:
         )
         return kubernetes.client.ApiClient(configuration)
 
-    def service_account_kubeconfig(self, namespace: str, name: str, *, expiration_seconds: int = 3600) -> Path:
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, *, node: str | None = None, expiration_seconds: int = 3600
+    ) -> Path:
         """A kubeconfig carrying only a bound token of that ServiceAccount (no client certificate).
 
         A process run with it has exactly the rights RBAC grants the ServiceAccount, which is how the
         operator runs in a cluster; the token dies with the ServiceAccount or after expiration_seconds.
+        With node, the token is bound to that Node (made here if missing: no kubelet registers nodes on
+        this bed), so the API server adds the node's name to the user it authenticates, as it does for the
+        token the kubelet mounts into a Pod on that node; admission policies can then tell nodes apart.
         """
         with self.api_client() as api:
             core = kubernetes.client.CoreV1Api(api)
@@ -633,18 +640,29 @@ class ControlPlane:
                     namespace, V1ServiceAccount(metadata=V1ObjectMeta(name=name))
                 )
             )
+            bound_to = None
+            if node is not None:
+                _create_if_missing(lambda: core.create_node(V1Node(metadata=V1ObjectMeta(name=node))))
+                # The uid too, so that the token dies with this Node object rather than passing to a namesake.
+                node_meta = core.read_node(node).metadata
+                if node_meta is None or not node_meta.uid:
+                    raise ControlPlaneError(f"Node {node} was read back without a uid")
+                bound_to = V1BoundObjectReference(api_version="v1", kind="Node", name=node, uid=node_meta.uid)
             # Empty audiences: the apiserver fills in its own (the issuer), which it then accepts.
             status = core.create_namespaced_service_account_token(
                 name,
                 namespace,
                 AuthenticationV1TokenRequest(
-                    spec=V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
+                    spec=V1TokenRequestSpec(
+                        audiences=[], expiration_seconds=expiration_seconds, bound_object_ref=bound_to
+                    )
                 ),
             ).status
         if status is None or not status.token:
             raise ControlPlaneError(f"TokenRequest for {namespace}/{name} returned no token")
         user = f"system:serviceaccount:{namespace}:{name}"
-        path = self._kubeconfig_dir / f"sa-{namespace}-{name}.kubeconfig"
+        stem = f"sa-{namespace}-{name}" if node is None else f"sa-{namespace}-{name}-node-{node}"
+        path = self._kubeconfig_dir / f"{stem}.kubeconfig"
         path.write_text(_kubeconfig(self.server, self._pki.ca_pem, user, {"token": status.token}))
         path.chmod(0o600)
         return path

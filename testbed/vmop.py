@@ -1,7 +1,8 @@
 """vmop on the bed: installed from manifests/, the operator run as its ServiceAccount, VMs made and watched.
 
 Shared by the end-to-end tests, the demo and the benchmarks, so that each runs vmop the way a user
-would: the CRD and RBAC from the same manifests, the operator with only the rights those grant.
+would: the CRD, RBAC and admission policy from the same manifests, the operator with only the rights
+those grant, through a token bound to its node as a DaemonSet pod's is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, cast
 import kubernetes
 from prometheus_client.parser import text_string_to_metric_families
 
-from testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane, ControlPlaneError
 from testbed.guests import STUBBORN_CMDLINE, coop_cmdline
 from testbed.libvirthost import LibvirtHost
 from testbed.processes import free_ports, tail_file, terminate
@@ -29,13 +30,49 @@ from testbed.wait import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 GROUP, VERSION, PLURAL = "vmop.dev", "v1alpha1", "virtualmachines"
 OPERATOR_NAMESPACE, OPERATOR_ACCOUNT = "vmop-system", "vmop"
+NODE_AUTHORITY_POLICY = "vmop-node-authority"
 
 
-def install(control_plane: ControlPlane) -> Path:
-    """Apply manifests/ as a user would; return a kubeconfig holding only the operator's ServiceAccount token."""
+def install(control_plane: ControlPlane) -> None:
+    """Apply manifests/ as a user would, and return once the API server enforces the node-authority policy."""
     control_plane.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests"))
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
-    return control_plane.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
+    _wait_until_node_authority_enforced(control_plane)
+
+
+def node_kubeconfig(control_plane: ControlPlane, node_name: str) -> Path:
+    """The operator's credentials on one node: its ServiceAccount's token bound to that node, as the token
+    the kubelet mounts into the DaemonSet's Pod there is, since the policy refuses every other token."""
+    return control_plane.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, node=node_name)
+
+
+def _wait_until_node_authority_enforced(control_plane: ControlPlane) -> None:
+    """The API server enforces a new admission policy only once its informer has seen the policy and its
+    binding, a moment after they are created; until then an operator's writes would go unchecked, and a
+    test of the policy would pass or fail by timing. The evidence is a refusal: a write with a token that
+    is not node-bound, as a server-side dry run that changes nothing, on a VirtualMachine made for it."""
+    unbound = control_plane.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
+    probe = "node-authority-probe"
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VirtualMachine",
+        "metadata": {"name": probe, "namespace": OPERATOR_NAMESPACE},
+        "spec": {"nodeName": probe, "domain": {"memoryMiB": 16}},
+    }
+    resource = (f"{PLURAL}.{GROUP}", probe, "-n", OPERATOR_NAMESPACE)
+    write = ("patch", *resource, "--subresource=status", "--type=json", "-p", "[]", "--dry-run=server")
+
+    def refused() -> bool:
+        result = control_plane.kubectl(*write, kubeconfig=unbound, check=False)
+        if result.returncode != 0 and NODE_AUTHORITY_POLICY not in result.stderr:
+            raise ControlPlaneError(f"the policy's probe was refused by something else: {result.stderr.strip()}")
+        return result.returncode != 0
+
+    control_plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(manifest))
+    try:
+        wait_until(refused, timeout=30, message=f"the API server did not enforce {NODE_AUTHORITY_POLICY}")
+    finally:
+        control_plane.kubectl("delete", *resource, "--ignore-not-found")
 
 
 class OperatorProcess:

@@ -8,6 +8,7 @@ ownership rule at work. Domains a test's VMs made are destroyed through libvirt 
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,14 +20,22 @@ import pytest
 
 from testbed.controlplane import ControlPlane
 from testbed.libvirthost import LibvirtHost
-from testbed.vmop import ROOT, OperatorProcess, Vms, install, vm_manifest
+from testbed.vmop import ROOT, OperatorProcess, Vms, install, node_kubeconfig, vm_manifest
 
 pytestmark = pytest.mark.e2e
 
+RIGHTS_CHECK_NODE = "rights-check"
+
 
 @pytest.fixture(scope="session")
-def operator_kubeconfig(control_plane: ControlPlane) -> Path:
-    return install(control_plane)
+def vmop_installed(control_plane: ControlPlane) -> None:
+    install(control_plane)
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane: ControlPlane, vmop_installed: None) -> Path:
+    """The operator's credentials on a node of their own, for checking its rights; no operator runs with them."""
+    return node_kubeconfig(control_plane, RIGHTS_CHECK_NODE)
 
 
 @dataclass
@@ -83,22 +92,21 @@ class Vmop:
 
 
 def _world(
-    control_plane: ControlPlane,
-    libvirt_host: LibvirtHost,
-    operator_kubeconfig: Path,
-    namespace: str,
-    request: pytest.FixtureRequest,
+    control_plane: ControlPlane, libvirt_host: LibvirtHost, namespace: str, request: pytest.FixtureRequest
 ) -> Vmop:
     test_name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    node_name = f"node-{uuid.uuid4().hex[:8]}"
     world = Vmop(
         namespace=namespace,
-        node_name=f"node-{uuid.uuid4().hex[:8]}",
+        node_name=node_name,
         vms=Vms(control_plane.api_client(), namespace),
         libvirt=libvirt_host,
-        kubeconfig=operator_kubeconfig,
+        kubeconfig=node_kubeconfig(control_plane, node_name),
         log_dir=ROOT / "test-logs" / "e2e" / test_name,
     )
-    world.log_dir.mkdir(parents=True, exist_ok=True)
+    # A rerun's logs start empty: tests read the operator's records back, and an earlier run's would mislead.
+    shutil.rmtree(world.log_dir, ignore_errors=True)
+    world.log_dir.mkdir(parents=True)
     return world
 
 
@@ -106,11 +114,11 @@ def _world(
 def vmop(
     control_plane: ControlPlane,
     libvirt_host: LibvirtHost,
-    operator_kubeconfig: Path,
+    vmop_installed: None,
     namespace: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[Vmop]:
-    world = _world(control_plane, libvirt_host, operator_kubeconfig, namespace, request)
+    world = _world(control_plane, libvirt_host, namespace, request)
     try:
         yield world
     finally:
@@ -124,11 +132,11 @@ def vmop(
 
 @pytest.fixture
 def vmop_own_libvirt(
-    control_plane: ControlPlane, operator_kubeconfig: Path, namespace: str, request: pytest.FixtureRequest
+    control_plane: ControlPlane, vmop_installed: None, namespace: str, request: pytest.FixtureRequest
 ) -> Iterator[Vmop]:
     """A test's world on a libvirtd of its own, for tests that stop or restart the daemon the shared one is."""
     host = LibvirtHost.start()
-    world = _world(control_plane, host, operator_kubeconfig, namespace, request)
+    world = _world(control_plane, host, namespace, request)
     try:
         yield world
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -17,7 +17,7 @@ import yaml
 from testbed.controlplane import ControlPlane, KubectlError
 from testbed.vmop import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, ROOT, OperatorProcess, condition, parse_time
 from testbed.wait import holds_until, wait_until
-from tests.e2e.conftest import Vmop
+from tests.e2e.conftest import RIGHTS_CHECK_NODE, Vmop
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +35,17 @@ def stopped(body: dict[str, Any]) -> bool:
 # ---- manifests
 
 
-def test_kustomization_passes_server_side_dry_run(control_plane: ControlPlane, operator_kubeconfig: Path) -> None:
-    rendered = control_plane.kubectl("kustomize", str(ROOT / "manifests")).stdout
+def rendered_manifests(control_plane: ControlPlane) -> str:
+    return control_plane.kubectl("kustomize", str(ROOT / "manifests")).stdout
+
+
+def rendered_daemonset(control_plane: ControlPlane) -> dict[str, Any]:
+    (daemonset,) = [doc for doc in yaml.safe_load_all(rendered_manifests(control_plane)) if doc["kind"] == "DaemonSet"]
+    return cast(dict[str, Any], daemonset)
+
+
+def test_kustomization_passes_server_side_dry_run(control_plane: ControlPlane, vmop_installed: None) -> None:
+    rendered = rendered_manifests(control_plane)
     kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered))
     assert kinds == [
         "ClusterRole",
@@ -45,6 +54,8 @@ def test_kustomization_passes_server_side_dry_run(control_plane: ControlPlane, o
         "DaemonSet",
         "Namespace",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     for mode in ((), ("--server-side",)):
         out = control_plane.kubectl("apply", *mode, "--dry-run=server", "-f", "-", input=rendered).stdout
@@ -53,9 +64,51 @@ def test_kustomization_passes_server_side_dry_run(control_plane: ControlPlane, o
         assert all(line.endswith("(server dry run)") for line in lines), out
 
 
+def daemonset_pod(control_plane: ControlPlane, namespace: str) -> dict[str, Any]:
+    """A Pod as the DaemonSet controller would make it from the template (there is none on this bed)."""
+    template = rendered_daemonset(control_plane)["spec"]["template"]
+    metadata = {**template["metadata"], "name": "vmop-node-x", "namespace": namespace}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+
+
+def test_the_daemonset_is_a_node_critical_agent_that_tolerates_every_taint(control_plane: ControlPlane) -> None:
+    spec = rendered_daemonset(control_plane)["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}], "no key, no effect: every taint, NoExecute included"
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = spec["containers"]
+    context = container["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert "privileged" not in context
+
+
+def test_the_daemonsets_pod_is_admitted_in_its_namespace(control_plane: ControlPlane, vmop_installed: None) -> None:
+    """Priority admits the critical class outside kube-system, and the namespace's Pod Security level the
+    host paths; this server-side dry run is what the DaemonSet controller's create would go through."""
+    namespace = json.loads(control_plane.kubectl("get", "namespace", OPERATOR_NAMESPACE, "-o", "json").stdout)
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert labels["pod-security.kubernetes.io/enforce-version"] == "latest"
+    pod = daemonset_pod(control_plane, OPERATOR_NAMESPACE)
+    out = control_plane.kubectl("apply", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod)).stdout
+    admitted = json.loads(out)
+    assert admitted["spec"]["priority"] == 2000001000, "the system-node-critical class resolved"
+
+
+def test_pod_security_baseline_would_refuse_the_daemonsets_pod(control_plane: ControlPlane, namespace: str) -> None:
+    """Why the namespace is privileged: the baseline level forbids the host paths the operator needs."""
+    control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=baseline")
+    pod = json.dumps(daemonset_pod(control_plane, namespace))
+    with pytest.raises(KubectlError) as refused:
+        control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=pod)
+    assert 'violates PodSecurity "baseline:latest": hostPath volumes' in refused.value.stderr
+
+
 @pytest.mark.parametrize("sample", SAMPLES, ids=[p.name for p in SAMPLES])
 def test_sample_passes_server_side_dry_run(
-    control_plane: ControlPlane, operator_kubeconfig: Path, namespace: str, sample: Path
+    control_plane: ControlPlane, vmop_installed: None, namespace: str, sample: Path
 ) -> None:
     out = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(sample)).stdout
     assert out.strip().endswith("created (server dry run)"), out
@@ -63,7 +116,7 @@ def test_sample_passes_server_side_dry_run(
 
 
 def test_server_side_dry_run_refuses_what_the_schema_forbids(
-    control_plane: ControlPlane, operator_kubeconfig: Path, namespace: str
+    control_plane: ControlPlane, vmop_installed: None, namespace: str
 ) -> None:
     """The check above is not vacuous: the same dry run refuses a sample broken against the schema."""
     manifest = yaml.safe_load((ROOT / "manifests" / "samples" / "linux-vm.yaml").read_text())
@@ -129,11 +182,14 @@ def can_i(control_plane: ControlPlane, kubeconfig: Path, verb: str, resource: st
     return answer == "yes"
 
 
-def test_operator_token_is_the_service_account_of_the_manifests(
+def test_operator_token_is_the_service_account_of_the_manifests_bound_to_its_node(
     control_plane: ControlPlane, operator_kubeconfig: Path
 ) -> None:
+    """Bound to a node as the kubelet's token for the DaemonSet's pod is: the node-authority policy's key."""
     who = json.loads(control_plane.kubectl("auth", "whoami", "-o", "json", kubeconfig=operator_kubeconfig).stdout)
-    assert who["status"]["userInfo"]["username"] == f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+    user = who["status"]["userInfo"]
+    assert user["username"] == f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+    assert user["extra"]["authentication.kubernetes.io/node-name"] == [RIGHTS_CHECK_NODE]
 
 
 @pytest.mark.parametrize(("verb", "resource", "subresource"), MAY, ids=["/".join(filter(None, c)) for c in MAY])
