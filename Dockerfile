@@ -18,8 +18,10 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="vmop" \
       org.opencontainers.image.description="Runs libvirt VMs from VirtualMachine resources; shuts them down gracefully"
+# qemu-utils: the storage check reads each qcow2 image's header with qemu-img (one file at a time) to
+# confine its backing chain to the allowed directories before any of it reaches the domain definition.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libvirt0 \
+ && apt-get install -y --no-install-recommends libvirt0 qemu-utils \
  && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels vmop

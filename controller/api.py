@@ -264,8 +264,12 @@ class DomainSpec(_Model):
     )
 
     @model_validator(mode="after")
-    def _ide_disks_fit_the_machine(self) -> DomainSpec:
-        # The same rule as the CEL rule above, for the operator, which validates the spec with this model.
+    def _rules_of_the_schema(self) -> DomainSpec:
+        # The same rules as the CEL rules above, for the operator, which validates the spec with this model.
+        if self.initrd is not None and self.kernel is None:
+            raise ValueError("initrd needs kernel (direct kernel boot)")
+        if self.cmdline is not None and self.kernel is None:
+            raise ValueError("cmdline needs kernel (direct kernel boot)")
         if sum(disk.bus is DiskBus.IDE for disk in self.disks) > MAX_IDE_DISKS:
             raise ValueError(_IDE_DISKS_MESSAGE)
         return self

@@ -2,10 +2,15 @@
 
 Every domain vmop defines carries the VirtualMachine's UID in vmop's own metadata element: that mark is
 what lets the operator tell its domains from anyone else's, and it never touches an unmarked one.
+
+Files are named as the storage check resolved them, never as the spec gave them: a symlink that is swapped
+after the check changes nothing the domain opens. Each disk's backing chain is spelled out to its end, so
+libvirt takes it from here and never reads one from an image header, which whoever writes the image chose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import xml.etree.ElementTree as ET
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from controller.api import DiskBus, DomainSpec, InterfaceType, ShutdownPurpose
 from controller.shutdown import ShutdownMark
+from controller.storage import Layer, ResolvedStorage
 
 METADATA_URI = "https://vmop.dev/libvirt/v1alpha1"
 METADATA_PREFIX = "vmop"
@@ -29,18 +35,28 @@ class HostDefaults:
     virt_type: str = "kvm"
     console_log_dir: Path | None = None
     tcg_tb_cache_mib: int | None = None
+    # libvirt's nwfilter on every interface (clean-traffic: a guest cannot spoof MAC, IP or ARP), or None.
+    interface_filter: str | None = None
 
 
 @dataclass(frozen=True)
 class Owner:
     uid: str
     spec_hash: str
+    storage_hash: str | None = None  # None: defined by a version that did not record it
 
 
 def spec_hash(spec: DomainSpec, host: HostDefaults) -> str:
     """A digest of everything the definition is built from, stored in the domain to detect a changed spec."""
     material = {"spec": spec.model_dump(mode="json", by_alias=True), "host": repr(host)}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def storage_hash(storage: ResolvedStorage) -> str:
+    """A digest of the files the definition names, stored in the domain to detect storage that now resolves
+    elsewhere (a link pointed at another file, an image rebased) while the spec stayed the same."""
+    material = json.dumps(dataclasses.asdict(storage), sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -61,7 +77,29 @@ def _target_names(spec: DomainSpec) -> list[str]:
     return names
 
 
-def build(*, name: str, namespace: str, vm_name: str, uid: str, spec: DomainSpec, host: HostDefaults) -> str:
+def _backing_chain(disk: ET.Element, backing: tuple[Layer, ...]) -> None:
+    """The chain below a disk, ended by an empty backingStore. Given a chain, libvirt probes no header for
+    one and hands QEMU each layer's backing itself ("backing": null at the end), so QEMU does not open the
+    file a header names either (seen on libvirt 9.0 with QEMU 7.2)."""
+    parent = disk
+    for layer in backing:
+        parent = _sub(parent, "backingStore", type="file")
+        _sub(parent, "format", type=layer.format.value)
+        _sub(parent, "source", file=layer.path)
+    _sub(parent, "backingStore")
+
+
+def build(
+    *,
+    name: str,
+    namespace: str,
+    vm_name: str,
+    uid: str,
+    spec: DomainSpec,
+    host: HostDefaults,
+    storage: ResolvedStorage,
+) -> str:
+    """The definition of the spec, its files as the storage check resolved them (storage is that check's)."""
     domain = ET.Element("domain", type=host.virt_type)
     _sub(domain, "name", name)
     # The Kubernetes UID is a UUID: reusing it makes a redefinition of the same VM update, not clash.
@@ -70,17 +108,23 @@ def build(*, name: str, namespace: str, vm_name: str, uid: str, spec: DomainSpec
     ET.SubElement(
         metadata,
         f"{{{METADATA_URI}}}vm",
-        {"uid": uid, "namespace": namespace, "name": vm_name, "specHash": spec_hash(spec, host)},
+        {
+            "uid": uid,
+            "namespace": namespace,
+            "name": vm_name,
+            "specHash": spec_hash(spec, host),
+            "storageHash": storage_hash(storage),
+        },
     )
     _sub(domain, "memory", str(spec.memory_mib), unit="MiB")
     _sub(domain, "vcpu", str(spec.vcpus))
 
     os_element = _sub(domain, "os")
     _sub(os_element, "type", "hvm")
-    if spec.kernel:
-        _sub(os_element, "kernel", spec.kernel)
-        if spec.initrd:
-            _sub(os_element, "initrd", spec.initrd)
+    if storage.kernel:
+        _sub(os_element, "kernel", storage.kernel)
+        if storage.initrd:
+            _sub(os_element, "initrd", storage.initrd)
         if spec.cmdline:
             _sub(os_element, "cmdline", spec.cmdline)
     elif spec.disks:
@@ -100,10 +144,12 @@ def build(*, name: str, namespace: str, vm_name: str, uid: str, spec: DomainSpec
     _sub(domain, "on_crash", "destroy")
 
     devices = _sub(domain, "devices")
-    for disk, target in zip(spec.disks, _target_names(spec), strict=True):
+    for disk, resolved, target in zip(spec.disks, storage.disks, _target_names(spec), strict=True):
+        top, *backing = resolved.chain
         element = _sub(devices, "disk", type="file", device="disk")
-        _sub(element, "driver", name="qemu", type=disk.format.value)
-        _sub(element, "source", file=disk.path)
+        _sub(element, "driver", name="qemu", type=top.format.value)
+        _sub(element, "source", file=top.path)
+        _backing_chain(element, tuple(backing))
         _sub(element, "target", dev=target, bus=disk.bus.value)
         if disk.read_only:
             _sub(element, "readonly")
@@ -114,6 +160,8 @@ def build(*, name: str, namespace: str, vm_name: str, uid: str, spec: DomainSpec
         _sub(element, "model", type=interface.model)
         if interface.mac_address:
             _sub(element, "mac", address=interface.mac_address.lower())
+        if host.interface_filter:
+            _sub(element, "filterref", filter=host.interface_filter)
     if host.console_log_dir is not None:
         serial = _sub(devices, "serial", type="file")
         _sub(serial, "source", path=str(host.console_log_dir / f"{name}.log"), append="off")
@@ -138,7 +186,9 @@ def parse_owner(metadata_xml: str | None) -> Owner | None:
     except ET.ParseError:
         return None
     uid = element.get("uid")
-    return Owner(uid=uid, spec_hash=element.get("specHash", "")) if uid else None
+    if not uid:
+        return None
+    return Owner(uid=uid, spec_hash=element.get("specHash", ""), storage_hash=element.get("storageHash"))
 
 
 # The stop under way, in an element of its own: a redefinition replaces the ownership mark's element,

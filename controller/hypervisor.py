@@ -326,6 +326,7 @@ class Hypervisor:
                 stop_cause=cause,
                 shutdown_mark=mark,
                 agent_connected=agent,
+                storage_hash=owner.storage_hash if owner else None,
             )
 
         return await self._call(f"observing domain {name}", observe)
@@ -367,6 +368,25 @@ class Hypervisor:
             )
 
         await self._call(f"marking the stop of {uuid}", write)
+
+    async def node_memory(self) -> tuple[int, dict[str, int]]:
+        """The node's physical memory and what each running domain may hold (its maximum), in MiB.
+
+        Every running domain counts, vmop's or not: the kernel's OOM killer does not ask whose QEMU it is.
+        """
+
+        def read(conn: Any) -> tuple[int, dict[str, int]]:
+            total_mib = int(conn.getInfo()[1])
+            running = {}
+            for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    running[domain.UUIDString()] = math.ceil(domain.maxMemory() / 1024)
+                except libvirt.libvirtError as error:
+                    if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # it stopped (transient) meanwhile
+                        raise
+            return total_mib, running
+
+        return await self._call("reading the node's memory", read)
 
     async def define(self, xml: str) -> None:
         await self._call("defining the domain", lambda conn: conn.defineXML(xml))

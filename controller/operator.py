@@ -2,7 +2,9 @@
 
 kopf watches VirtualMachines and hands each event of this node's VMs to its worker; libvirt lifecycle
 events wake the worker of their domain. One step of a worker is observe -> decide -> act: it observes the
-domain, asks the pure core (`reconcile.decide`) once, keeps a stop's deadline in the domain's own
+domain, checks what the node allows of the spec (storage only when nothing is running that a stop could
+be waiting on; the node's memory only before a start, which then asks the core once more), asks the pure
+core (`reconcile.decide`), keeps a stop's deadline in the domain's own
 metadata before the first request, acts, and only then reports. The report leaves beside the step: the
 status through the VM's StatusWriter, Events through the recorder; neither is ever awaited, so an API
 server that hangs or refuses never delays a force. The worker sleeps until woken or until the time the
@@ -23,7 +25,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from controller import domainxml, storage
+from controller import domainxml, nodepolicy
 from controller.api import (
     FINALIZER,
     GROUP,
@@ -31,6 +33,7 @@ from controller.api import (
     RESTART_ANNOTATION,
     VERSION,
     ObservedPowerState,
+    PowerState,
     ShutdownRecord,
     VirtualMachineSpec,
     VirtualMachineStatus,
@@ -44,6 +47,7 @@ from controller.kube import Kube, KubeError
 from controller.logs import vm_logger
 from controller.metrics import Metrics
 from controller.nodelock import NodeLock
+from controller.nodepolicy import NodeMemory, Refusal, StartReservations
 from controller.reconcile import (
     Action,
     ActionKind,
@@ -62,6 +66,7 @@ from controller.reconcile import (
 from controller.reconcile import Settings as DecisionSettings
 from controller.settings import Settings
 from controller.statuswriter import StatusWriter
+from controller.storage import StorageCheck, StorageInspector
 
 logger = logging.getLogger("vmop.operator")
 Key = tuple[str, str]
@@ -153,6 +158,9 @@ class VmWorker:
         self._force_deadline: datetime | None = None
         # The last action that failed, until one succeeds: decide reports it and holds it back until its retry.
         self._failure: Failure | None = None
+        # The last look at the spec's storage, and whether it was taken in this step (see _check_storage).
+        self._storage: StorageCheck | None = None
+        self._storage_fresh = False
         self._log = vm_logger(*self.key, self.domain, logger)
         if unreadable:
             self._log.warning("status fields %s cannot be read by this version; kept what can be", unreadable)
@@ -227,6 +235,13 @@ class VmWorker:
 
     async def _step(self) -> float | None:
         """One step; returns seconds until the next look, or None to look again at once (an action was taken)."""
+        try:
+            return await self._reconcile()
+        finally:
+            # A start's reservation of node memory lasts until its start call has returned (or was not made).
+            self._op.reservations.release(self.uid)
+
+    async def _reconcile(self) -> float | None:
         op = self._op
         vm = self._read()
         try:
@@ -240,7 +255,18 @@ class VmWorker:
         if self._forced is not None:
             vm = self._take_over_forced_stop(vm, self._forced)
             self._forced = None
+        await self._check_storage(vm, observed)
         plan = self._decide(vm, observed)
+        if plan.action is not None and plan.action.kind is ActionKind.START and vm.spec is not None:
+            try:
+                node_memory = await self._node_memory(vm.spec.domain.memory_mib)
+            except HypervisorUnavailable as error:
+                self._report(vm.status, unreachable(vm, str(error), op.clock.now()))
+                return op.decision_settings.resync.total_seconds()
+            except HypervisorError as error:
+                self._failed("NodeMemory", error)
+                return self._next_backoff()
+            plan = self._decide(vm, observed, node_memory)
         mark = plan.shutdown_mark
         self._force_deadline = mark.deadline if mark is not None and mark.force else None
         if observed is not None and observed.owner_uid == vm.uid and observed.state is not DomainState.STOPPED:
@@ -288,15 +314,56 @@ class VmWorker:
     def _expected_hash(self, vm: VirtualMachine) -> str | None:
         return domainxml.spec_hash(vm.spec.domain, self._op.settings.host) if vm.spec else None
 
-    def _decide(self, vm: VirtualMachine, observed: Domain | None) -> Plan:
+    async def _check_storage(self, vm: VirtualMachine, observed: Domain | None) -> None:
+        """Look at the spec's storage, unless the domain runs and a stop of it may be under way.
+
+        Resolving paths and reading image headers touches file systems, and one that hangs (a dead NFS
+        mount) must never hold back a stop or its force: those steps keep the last look, which is used
+        only for reporting then, since no definition or start follows a stop in the same step. Every
+        definition and start is decided on a look taken in its own step.
+        """
+        self._storage_fresh = False
+        if vm.spec is None or vm.deleting:
+            return
+        running = observed is not None and observed.state is not DomainState.STOPPED
+        stopping = (
+            vm.spec.power_state is PowerState.STOPPED
+            or active_stop(vm.status) is not None
+            or (vm.restart_token is not None and vm.restart_token != vm.status.restarted_at)
+        )
+        if running and stopping:
+            return
+        self._storage = await self._op.storage.check(vm.spec.domain)
+        self._storage_fresh = True
+
+    async def _node_memory(self, wanted_mib: int) -> NodeMemory:
+        """The node's committed memory for a start: reserved first, so that a concurrent start sees this one."""
         op = self._op
-        spec_domain = vm.spec.domain if vm.spec else None
+        in_flight = op.reservations.reserve(self.uid, wanted_mib)
+        total_mib, running = await op.hypervisor.node_memory()
+        ceiling = op.settings.policy.memory_ceiling_mib
+        return NodeMemory(
+            committed_mib=nodepolicy.committed_mib(self.uid, running, in_flight),
+            ceiling_mib=ceiling if ceiling is not None else total_mib,
+        )
+
+    def _decide(self, vm: VirtualMachine, observed: Domain | None, node_memory: NodeMemory | None = None) -> Plan:
+        op = self._op
+        refusals: tuple[Refusal, ...] = ()
+        storage = self._storage
+        if vm.spec is not None:
+            if storage is not None:
+                refusals += tuple(Refusal(nodepolicy.STORAGE_NOT_ALLOWED, problem) for problem in storage.problems)
+            refusals += nodepolicy.refusals(vm.spec.domain, op.settings.policy)
+        fresh = storage if self._storage_fresh else None
         return decide(
             vm,
             observed,
             op.clock.now(),
             expected_spec_hash=self._expected_hash(vm),
-            storage_problems=storage.problems(spec_domain, op.settings.allowed_storage_dirs) if spec_domain else (),
+            expected_storage_hash=domainxml.storage_hash(fresh.resolved) if fresh and fresh.resolved else None,
+            refusals=refusals,
+            node_memory=node_memory,
             settings=op.decision_settings,
             failure=self._failure,
         )
@@ -372,6 +439,12 @@ class VmWorker:
                 self.update(await op.kube.remove_finalizer(self.body), fresh=False)
             case ActionKind.DEFINE:
                 assert vm.spec is not None
+                # A definition is decided only on a look at the storage taken in its own step, which found
+                # nothing to refuse (see _check_storage): the domain gets the paths as resolved then.
+                storage = self._storage
+                assert self._storage_fresh
+                assert storage is not None
+                assert storage.resolved is not None
                 await hyp.define(
                     domainxml.build(
                         name=self.domain,
@@ -380,6 +453,7 @@ class VmWorker:
                         uid=vm.uid,
                         spec=vm.spec.domain,
                         host=op.settings.host,
+                        storage=storage.resolved,
                     )
                 )
             case ActionKind.START:
@@ -430,8 +504,11 @@ class Operator:
         metrics: Metrics,
         clock: Clock,
         node_lock: NodeLock | None = None,
+        storage: StorageInspector | None = None,
     ) -> None:
         self.settings = settings
+        self.storage = storage or StorageInspector(settings.allowed_storage_dirs)
+        self.reservations = StartReservations()
         self.node_lock = node_lock
         self.kube = kube
         self.hypervisor = hypervisor

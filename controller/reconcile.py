@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from controller import shutdown
+from controller import nodepolicy, shutdown
 from controller.api import (
     Condition,
     ObservedPowerState,
@@ -27,6 +27,7 @@ from controller.api import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
+from controller.nodepolicy import NodeMemory, Refusal
 from controller.shutdown import ShutdownMark
 
 
@@ -62,6 +63,8 @@ class Domain:
     shutdown_mark: ShutdownMark | None = None
     # A guest agent holds the agent channel (None: no channel, or the domain is not running).
     agent_connected: bool | None = None
+    # What the definition's storage was resolved to (paths, backing chains) when it was written.
+    storage_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class _Decision:
     agent: tuple[str, str, str] | None = None
     mark: ShutdownMark | None = None
     failure: Failure | None = None
+    node_memory: NodeMemory | None = None
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
@@ -273,15 +277,23 @@ def decide(
     now: datetime,
     *,
     expected_spec_hash: str | None,
-    storage_problems: tuple[str, ...] = (),
+    expected_storage_hash: str | None = None,
+    refusals: tuple[Refusal, ...] = (),
+    node_memory: NodeMemory | None = None,
     settings: Settings = Settings(),
     failure: Failure | None = None,
 ) -> Plan:
-    """The next step for one VM. expected_spec_hash identifies the domain definition the spec asks for;
-    failure is the last action that failed, if it has not succeeded since."""
+    """The next step for one VM.
+
+    expected_spec_hash identifies the domain definition the spec asks for; expected_storage_hash what its
+    storage resolves to now, None when the shell did not look in this step (it looks before every
+    definition and start, and only then: a stop never waits on a file system). refusals are what the
+    node does not allow of the spec (storage, networks, sizes); node_memory is the node's committed
+    memory, looked at before a start. failure is the last action that failed, if it has not succeeded since.
+    """
     if failure is not None and failure.action is ActionKind.DEFINE and failure.spec_hash != expected_spec_hash:
         failure = None  # refused for a spec that is no longer asked for
-    d = _Decision(vm=vm, now=now, settings=settings, status=vm.status, failure=failure)
+    d = _Decision(vm=vm, now=now, settings=settings, status=vm.status, failure=failure, node_memory=node_memory)
     previous_synced = vm.status.condition("Synced")
 
     def warn_once(reason: str, message: str) -> None:
@@ -322,12 +334,13 @@ def decide(
         d.ready = ("False", "Initializing", "adding the finalizer that undefines the domain on delete")
         return d.plan(Action(ActionKind.ADD_FINALIZER))
 
-    if storage_problems:
-        message = "; ".join(storage_problems)
-        d.synced = ("False", "StorageNotAllowed", message)
-        warn_once("StorageNotAllowed", message)
+    if refusals:
+        reason = refusals[0].reason
+        message = "; ".join(refusal.message for refusal in refusals)
+        d.synced = ("False", reason, message)
+        warn_once(reason, message)
         if domain is None:
-            d.ready = ("False", "StorageNotAllowed", "nothing is defined until the paths are allowed")
+            d.ready = ("False", reason, "nothing is defined until the node allows the spec")
             d.update(power_state=ObservedPowerState.STOPPED)
             return d.plan()
 
@@ -355,7 +368,14 @@ def decide(
 
     target = spec.power_state
     restart_pending = vm.restart_token is not None and vm.restart_token != vm.status.restarted_at
-    if not storage_problems and domain.spec_hash != expected_spec_hash:
+    # Storage that resolves elsewhere now (a link pointed at another allowed file, a rebased image) is
+    # written into the definition before the next start, never under a running guest.
+    storage_moved = (
+        expected_storage_hash is not None
+        and domain.storage_hash != expected_storage_hash
+        and domain.state is DomainState.STOPPED
+    )
+    if not refusals and (domain.spec_hash != expected_spec_hash or storage_moved):
         # Power transitions never wait on a definition: a stop under way or asked for goes first, and the
         # new definition (which takes effect at the next start anyway) is written once the domain is off.
         stopping = target is PowerState.STOPPED or restart_pending or active_stop(d.status) is not None
@@ -378,7 +398,7 @@ def decide(
         d.update(restarted_at=vm.restart_token)
     if target is PowerState.STOPPED:
         return _stop(d, spec, domain, ShutdownPurpose.STOP)
-    return _run(d, spec, domain, target, blocked=bool(storage_problems), restart=restart_pending)
+    return _run(d, spec, domain, target, blocked=refusals[0] if refusals else None, restart=restart_pending)
 
 
 def _agent_condition(domain: Domain) -> tuple[str, str, str]:
@@ -554,7 +574,13 @@ def _resume_to_hear(d: _Decision, domain: Domain) -> Plan:
 
 
 def _run(
-    d: _Decision, spec: VirtualMachineSpec, domain: Domain, target: PowerState, *, blocked: bool, restart: bool
+    d: _Decision,
+    spec: VirtualMachineSpec,
+    domain: Domain,
+    target: PowerState,
+    *,
+    blocked: Refusal | None,
+    restart: bool,
 ) -> Plan:
     record = active_stop(d.status)
     alive = (DomainState.RUNNING, DomainState.PAUSED, DomainState.PAUSED_ON_ERROR, DomainState.SUSPENDED)
@@ -644,7 +670,9 @@ def crash_loop_delay(restarts: int) -> timedelta:
     return min(_CRASH_LOOP_MAX_DELAY, _CRASH_LOOP_FIRST_DELAY * (1 << min(restarts - 2, 16)))
 
 
-def _restart_after_unasked_stop(d: _Decision, spec: VirtualMachineSpec, last: ShutdownRecord, blocked: bool) -> Plan:
+def _restart_after_unasked_stop(
+    d: _Decision, spec: VirtualMachineSpec, last: ShutdownRecord, blocked: Refusal | None
+) -> Plan:
     """restartPolicy starts the VM again, at once the first time, with growing delays while it keeps stopping."""
     assert last.completed_at is not None
     started = d.status.started_at
@@ -670,10 +698,24 @@ def _restart_after_unasked_stop(d: _Decision, spec: VirtualMachineSpec, last: Sh
     return _start(d, blocked, f"restartPolicy {spec.restart_policy.value}: starting again", restarts=count)
 
 
-def _start(d: _Decision, blocked: bool, why: str, *, restarts: int = 0) -> Plan:
-    if blocked:
-        d.ready = ("False", "StorageNotAllowed", "not started while the spec's paths are refused")
+# How often a start refused for the node's memory looks again: other VMs stopping free it, and their
+# workers do not tell this one.
+NODE_MEMORY_RETRY = timedelta(seconds=15)
+
+
+def _start(d: _Decision, blocked: Refusal | None, why: str, *, restarts: int = 0) -> Plan:
+    if blocked is not None:
+        d.ready = ("False", blocked.reason, "not started while the node refuses the spec")
         return d.plan()
+    memory = d.node_memory
+    assert d.vm.spec is not None
+    refused = nodepolicy.memory_refusal(d.vm.spec.domain.memory_mib, memory) if memory is not None else None
+    if refused is not None:
+        d.ready = d.synced = ("False", refused.reason, refused.message)
+        previous = d.vm.status.condition("Ready")
+        if previous is None or previous.reason != refused.reason:
+            d.event("Warning", refused.reason, refused.message)
+        return d.plan(wake_at=d.now + NODE_MEMORY_RETRY)
     d.ready = ("False", "Starting", why)
     if not d.held_back(ActionKind.START):
         d.update(started_at=d.now, restarts=restarts)

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from controller.domainxml import HostDefaults
+from controller.nodepolicy import NodePolicy
 from controller.storage import DEFAULT_ALLOWED_DIRS
 
 
@@ -19,6 +20,7 @@ class Settings:
     libvirt_uri: str
     kubeconfig: Path | None
     allowed_storage_dirs: tuple[Path, ...]
+    policy: NodePolicy
     host: HostDefaults
     resync: timedelta
     log_format: str
@@ -69,6 +71,45 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="[VMOP_ALLOWED_STORAGE_DIRS, colon-separated] a directory kernels, initrds and disks may resolve "
         f"into (repeatable; default {':'.join(map(str, DEFAULT_ALLOWED_DIRS))})",
+    )
+    for kind, what in (("bridge", "a host bridge"), ("network", "a libvirt network")):
+        p.add_argument(
+            f"--allowed-{kind}",
+            action="append",
+            dest=f"allowed_{kind}s",
+            default=None,
+            help=f"[VMOP_ALLOWED_{kind.upper()}S, comma-separated] {what} that interfaces may attach to "
+            f"(repeatable; default none: a VM with a {kind} interface is refused)",
+        )
+    _option(
+        p,
+        "--interface-filter",
+        "VMOP_INTERFACE_FILTER",
+        "a libvirt nwfilter applied to every interface, e.g. clean-traffic (the guest may send only from its "
+        "own MAC and IP: no spoofing); needs libvirt's nwfilter driver and tap-based networks (bridges, "
+        "NAT or routed networks; not macvtap or hostdev)",
+    )
+    _option(
+        p,
+        "--max-vcpus-per-vm",
+        "VMOP_MAX_VCPUS_PER_VM",
+        "refuse a VM with more vCPUs (default: no limit below the API's 255)",
+        type=int,
+    )
+    _option(
+        p,
+        "--max-memory-mib-per-vm",
+        "VMOP_MAX_MEMORY_MIB_PER_VM",
+        "refuse a VM with more memory, in MiB (default: no limit below the node's ceiling)",
+        type=int,
+    )
+    _option(
+        p,
+        "--memory-ceiling-mib",
+        "VMOP_MEMORY_CEILING_MIB",
+        "do not start a VM that would take the memory of the node's running domains past this, in MiB "
+        "(default: the node's physical memory as libvirt reports it)",
+        type=int,
     )
     _option(
         p,
@@ -172,6 +213,13 @@ def from_args(argv: Sequence[str] | None = None) -> Settings:
     if dirs is None:
         from_env = os.environ.get("VMOP_ALLOWED_STORAGE_DIRS")
         dirs = from_env.split(":") if from_env else [str(d) for d in DEFAULT_ALLOWED_DIRS]
+    for limit, flag in (
+        (args.max_vcpus_per_vm, "--max-vcpus-per-vm"),
+        (args.max_memory_mib_per_vm, "--max-memory-mib-per-vm"),
+        (args.memory_ceiling_mib, "--memory-ceiling-mib"),
+    ):
+        if limit is not None and limit <= 0:
+            p.error(f"{flag} must be positive")
     for value, flag in (
         (args.resync_seconds, "--resync-seconds"),
         (args.agent_timeout, "--agent-timeout"),
@@ -190,10 +238,18 @@ def from_args(argv: Sequence[str] | None = None) -> Settings:
         libvirt_uri=args.libvirt_uri,
         kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
         allowed_storage_dirs=tuple(Path(d) for d in dirs if d),
+        policy=NodePolicy(
+            allowed_bridges=_names(args.allowed_bridges, "VMOP_ALLOWED_BRIDGES"),
+            allowed_networks=_names(args.allowed_networks, "VMOP_ALLOWED_NETWORKS"),
+            max_vcpus=args.max_vcpus_per_vm,
+            max_memory_mib=args.max_memory_mib_per_vm,
+            memory_ceiling_mib=args.memory_ceiling_mib,
+        ),
         host=HostDefaults(
             virt_type=args.virt_type,
             console_log_dir=Path(args.console_log_dir) if args.console_log_dir else None,
             tcg_tb_cache_mib=int(args.tcg_tb_cache_mib) if args.tcg_tb_cache_mib else None,
+            interface_filter=args.interface_filter or None,
         ),
         resync=timedelta(seconds=args.resync_seconds),
         log_format=args.log_format,
@@ -206,3 +262,9 @@ def from_args(argv: Sequence[str] | None = None) -> Settings:
         node_lock_file=Path(args.node_lock_file),
         api_timeout=args.api_timeout,
     )
+
+
+def _names(flags: list[str] | None, env: str) -> frozenset[str]:
+    """Repeated flags, else the comma-separated variable: bridge names may hold a colon, never a comma."""
+    values = flags if flags is not None else os.environ.get(env, "").split(",")
+    return frozenset(value.strip() for value in values if value.strip())

@@ -8,8 +8,8 @@
 --   Healthy      Ready=True and the VM runs
 --   Suspended    Ready=True and the VM is Stopped or Paused as asked, or a guest powered itself off and
 --                restartPolicy leaves it off
---   Degraded     a reason that needs a person: DomainConflict, StorageNotAllowed, InvalidSpec,
---                ShutdownOverdue, HypervisorUnreachable, DefinitionRefused, CrashLoopBackOff, an action
+--   Degraded     a reason that needs a person: DomainConflict, StorageNotAllowed, NetworkNotAllowed,
+--                OverVmLimits, NodeMemoryFull, InvalidSpec, ShutdownOverdue, HypervisorUnreachable, DefinitionRefused, CrashLoopBackOff, an action
 --                libvirt refused (StartFailed, ForceOffFailed, ...: every reason ending in Failed), or a
 --                crash/outside destroy left off by restartPolicy
 --   Progressing  everything else: Starting, ShuttingDown, Defining, Resuming, ..., or a spec the operator
@@ -18,6 +18,9 @@
 local degraded_reasons = {
   DomainConflict = true,
   StorageNotAllowed = true,
+  NetworkNotAllowed = true,
+  OverVmLimits = true,
+  NodeMemoryFull = true,
   InvalidSpec = true,
   ShutdownOverdue = true,
   HypervisorUnreachable = true,

@@ -8,8 +8,8 @@ cd "$root"
 export DEBIAN_FRONTEND=noninteractive
 
 # libvirt-daemon-system is deliberately absent: it pulls in systemd-sysv, which would replace init.
-debs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libvirt-dev pkg-config gcc
-      python3-venv python3-dev busybox-static cpio gzip openssl iproute2 lua5.1)
+debs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config
+      gcc python3-venv python3-dev busybox-static cpio gzip openssl iproute2 lua5.1)
 missing=()
 for deb in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")

@@ -159,7 +159,8 @@ def test_operator_restarted_while_the_api_server_is_down(vmop: Vmop, api_server:
 
 
 def test_a_neighbour_libvirt_refuses_does_not_touch_the_deadline(vmop: Vmop) -> None:
-    operator = vmop.start_operator()
+    # Allowed by the node, so that it reaches libvirt, which refuses it: that refusal is the fault here.
+    operator = vmop.start_operator("--allowed-bridge", "vmopnosuchbr0")
     vmop.create(
         "bridged",
         domain={"memoryMiB": 16, "interfaces": [{"type": "bridge", "source": "vmopnosuchbr0"}]},

@@ -50,6 +50,8 @@ class FakeDomain:
     stubborn: bool = True  # ignores shutdown requests
     starts: int = 0
     agent_connected: bool | None = None
+    memory_mib: int = 64
+    storage_hash: str | None = None
 
 
 @dataclass
@@ -62,6 +64,7 @@ class FakeHypervisor:
     down: bool = False
     connected: bool = False
     cooperative_delay: float = 0.5
+    total_memory_mib: int = 65536
     _up: asyncio.Event = field(default_factory=asyncio.Event)
     _on_event: Callable[[str], None] = lambda _n: None
     _on_connection: Callable[[bool], None] = lambda _c: None
@@ -108,7 +111,9 @@ class FakeHypervisor:
         d = self.domains.get(name)
         if d is None:
             return None
-        return Domain(d.uuid, d.owner_uid, d.spec_hash, d.state, d.stop_cause, d.mark, d.agent_connected)
+        return Domain(
+            d.uuid, d.owner_uid, d.spec_hash, d.state, d.stop_cause, d.mark, d.agent_connected, d.storage_hash
+        )
 
     async def shutdown_marks(self) -> list[tuple[str, str, ShutdownMark]]:
         self._check("")
@@ -124,11 +129,17 @@ class FakeHypervisor:
         self._check(name)
         owner = root.find(f"metadata/{{{domainxml.METADATA_URI}}}vm")
         assert owner is not None
+        memory = int(root.findtext("memory") or 0)
         existing = self.domains.get(name)
-        if existing is not None:
-            existing.spec_hash = owner.get("specHash")
-        else:
-            self.domains[name] = FakeDomain(name, uuid, owner.get("uid"), owner.get("specHash"))
+        if existing is None:
+            existing = self.domains[name] = FakeDomain(name, uuid, owner.get("uid"), owner.get("specHash"))
+        existing.spec_hash, existing.storage_hash = owner.get("specHash"), owner.get("storageHash")
+        existing.memory_mib = memory
+
+    async def node_memory(self) -> tuple[int, dict[str, int]]:
+        self._check("")
+        running = {d.uuid: d.memory_mib for d in self.domains.values() if d.state is not DomainState.STOPPED}
+        return self.total_memory_mib, running
 
     async def start_domain(self, uuid: str) -> None:
         self._check(uuid)

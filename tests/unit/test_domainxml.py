@@ -1,4 +1,5 @@
-"""The domain definition: built from the model with a real XML library, carrying vmop's ownership mark.
+"""The domain definition: built from the model with a real XML library, carrying vmop's ownership mark,
+naming files as the storage check resolved them, with every backing chain pinned to its end.
 
 Also the domain's name (controller.reconcile.domain_name), which names libvirt's files for the domain.
 """
@@ -12,15 +13,30 @@ from pathlib import Path
 import pytest
 
 from controller import domainxml
-from controller.api import DomainSpec
+from controller.api import DiskFormat, DomainSpec
 from controller.reconcile import domain_name
+from controller.storage import Layer, ResolvedDisk, ResolvedStorage
 
 UID = "5f0c1d3e-0000-4000-8000-000000000001"
 
 
-def build(spec: DomainSpec, host: domainxml.HostDefaults | None = None) -> ET.Element:
+def as_given(spec: DomainSpec) -> ResolvedStorage:
+    """The storage of a spec whose paths are real already (no links) and whose images have no backing file."""
+    disks = tuple(ResolvedDisk((Layer(d.path, d.format),)) for d in spec.disks)
+    return ResolvedStorage(spec.kernel, spec.initrd, disks)
+
+
+def build(
+    spec: DomainSpec, host: domainxml.HostDefaults | None = None, storage: ResolvedStorage | None = None
+) -> ET.Element:
     xml = domainxml.build(
-        name="ns_vm", namespace="ns", vm_name="vm", uid=UID, spec=spec, host=host or domainxml.HostDefaults()
+        name="ns_vm",
+        namespace="ns",
+        vm_name="vm",
+        uid=UID,
+        spec=spec,
+        host=host or domainxml.HostDefaults(),
+        storage=storage or as_given(spec),
     )
     return ET.fromstring(xml)
 
@@ -45,6 +61,7 @@ def test_direct_kernel_boot_with_ownership_metadata() -> None:
     assert mark.get("specHash") == domainxml.spec_hash(
         spec, domainxml.HostDefaults(virt_type="qemu", tcg_tb_cache_mib=16)
     )
+    assert mark.get("storageHash") == domainxml.storage_hash(as_given(spec))
 
 
 def test_disks_get_distinct_targets_per_bus_and_firmware_boot() -> None:
@@ -71,6 +88,81 @@ def test_disks_get_distinct_targets_per_bus_and_firmware_boot() -> None:
     assert root.find("devices/interface/mac").get("address") == "52:54:00:aa:bb:cc"
     assert root.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"
     assert root.find("devices/serial").get("type") == "pty"
+    assert root.find("devices/interface/filterref") is None, "no filter unless the node asks for one"
+
+
+def test_files_are_named_as_resolved_and_every_chain_is_pinned_to_its_end() -> None:
+    spec = DomainSpec.model_validate(
+        {
+            "memoryMiB": 64,
+            "kernel": "/images/vmlinuz-link",
+            "initrd": "/images/initrd-link",
+            "disks": [{"path": "/images/top-link", "format": "qcow2"}, {"path": "/images/data.img"}],
+        }
+    )
+    storage = ResolvedStorage(
+        kernel="/images/vmlinuz-6.1",
+        initrd="/images/initrd-6.1",
+        disks=(
+            ResolvedDisk(
+                (
+                    Layer("/images/top.qcow2", DiskFormat.QCOW2),
+                    Layer("/images/mid.qcow2", DiskFormat.QCOW2),
+                    Layer("/images/base.raw", DiskFormat.RAW),
+                )
+            ),
+            ResolvedDisk((Layer("/images/data.img", DiskFormat.RAW),)),
+        ),
+    )
+    root = build(spec, storage=storage)
+    assert root.findtext("os/kernel") == "/images/vmlinuz-6.1"
+    assert root.findtext("os/initrd") == "/images/initrd-6.1"
+    top, data = root.findall("devices/disk")
+    assert top.find("source").get("file") == "/images/top.qcow2"
+    assert top.find("driver").get("type") == "qcow2"
+    chain = []
+    store = top.find("backingStore")
+    while store is not None and store.get("type") is not None:
+        assert store.get("type") == "file"
+        chain.append((store.find("format").get("type"), store.find("source").get("file")))
+        store = store.find("backingStore")
+    assert chain == [("qcow2", "/images/mid.qcow2"), ("raw", "/images/base.raw")]
+    assert store is not None
+    empty = "<backingStore />"
+    assert ET.tostring(store, encoding="unicode") == empty, "the end: libvirt probes no header for more"
+    end = data.find("backingStore")
+    assert end is not None
+    assert ET.tostring(end, encoding="unicode") == empty, "a raw disk says it has no backing file too"
+    assert "link" not in ET.tostring(root, encoding="unicode"), "no path as the spec gave it"
+
+
+def test_storage_that_resolves_elsewhere_changes_the_storage_hash_not_the_spec_hash() -> None:
+    spec = DomainSpec.model_validate({"memoryMiB": 64, "disks": [{"path": "/images/link", "format": "qcow2"}]})
+    one = ResolvedStorage(None, None, (ResolvedDisk((Layer("/images/a.qcow2", DiskFormat.QCOW2),)),))
+    other = ResolvedStorage(None, None, (ResolvedDisk((Layer("/images/b.qcow2", DiskFormat.QCOW2),)),))
+    rebased = ResolvedStorage(
+        None,
+        None,
+        (ResolvedDisk((Layer("/images/a.qcow2", DiskFormat.QCOW2), Layer("/images/base.raw", DiskFormat.RAW))),),
+    )
+    hashes = {domainxml.storage_hash(s) for s in (one, other, rebased)}
+    assert len(hashes) == 3
+    assert domainxml.storage_hash(one) == domainxml.storage_hash(
+        ResolvedStorage(None, None, (ResolvedDisk((Layer("/images/a.qcow2", DiskFormat.QCOW2),)),))
+    )
+    marks = [build(spec, storage=s).find(f"metadata/{{{domainxml.METADATA_URI}}}vm") for s in (one, other)]
+    assert marks[0].get("specHash") == marks[1].get("specHash")
+    assert marks[0].get("storageHash") != marks[1].get("storageHash")
+
+
+def test_an_interface_filter_goes_on_every_interface_and_into_the_spec_hash() -> None:
+    spec = DomainSpec.model_validate(
+        {"memoryMiB": 64, "interfaces": [{"type": "network", "source": "default"}, {"type": "bridge", "source": "br0"}]}
+    )
+    host = domainxml.HostDefaults(interface_filter="clean-traffic")
+    interfaces = build(spec, host).findall("devices/interface")
+    assert [i.find("filterref").get("filter") for i in interfaces] == ["clean-traffic", "clean-traffic"]
+    assert domainxml.spec_hash(spec, host) != domainxml.spec_hash(spec, domainxml.HostDefaults())
 
 
 def test_console_log_dir_gives_a_file_console() -> None:
@@ -87,8 +179,10 @@ def test_spec_hash_changes_with_the_spec_and_the_host() -> None:
 
 
 def test_parse_owner_reads_the_mark_libvirt_returns() -> None:
-    owner = domainxml.parse_owner(f'<vm uid="{UID}" namespace="ns" name="vm" specHash="abc"/>')
-    assert owner == domainxml.Owner(uid=UID, spec_hash="abc")
+    owner = domainxml.parse_owner(f'<vm uid="{UID}" namespace="ns" name="vm" specHash="abc" storageHash="def"/>')
+    assert owner == domainxml.Owner(uid=UID, spec_hash="abc", storage_hash="def")
+    older = domainxml.parse_owner(f'<vm uid="{UID}" namespace="ns" name="vm" specHash="abc"/>')
+    assert older == domainxml.Owner(uid=UID, spec_hash="abc", storage_hash=None), "defined before storageHash"
     assert domainxml.parse_owner(None) is None
     assert domainxml.parse_owner("<vm/>") is None
     assert domainxml.parse_owner("not xml <") is None
@@ -148,6 +242,7 @@ def test_every_file_libvirt_names_after_the_domain_fits_name_max(namespace: str,
             uid=UID,
             spec=DomainSpec(memoryMiB=16),
             host=domainxml.HostDefaults(console_log_dir=Path("/var/log/vmop")),
+            storage=ResolvedStorage(None, None, ()),
         )
     )
     assert root.findtext("name") == domain

@@ -19,6 +19,7 @@ from controller.api import DomainSpec, ShutdownMethod, ShutdownPurpose
 from controller.hypervisor import Hypervisor, is_connection_error
 from controller.reconcile import DomainState, StopCause
 from controller.shutdown import ShutdownMark
+from controller.storage import ResolvedStorage
 from tests.unit.clock import T0
 
 
@@ -40,7 +41,10 @@ def test_adapter_on_the_test_driver() -> None:
             name = f"ns_{uid[:8]}"
             spec = DomainSpec(memoryMiB=16)
             host = domainxml.HostDefaults(virt_type="test")
-            xml = domainxml.build(name=name, namespace="ns", vm_name=uid[:8], uid=uid, spec=spec, host=host)
+            nothing = ResolvedStorage(kernel=None, initrd=None, disks=())
+            xml = domainxml.build(
+                name=name, namespace="ns", vm_name=uid[:8], uid=uid, spec=spec, host=host, storage=nothing
+            )
             await hypervisor.define(xml)
             await hypervisor.start_domain(uid)
             running = await hypervisor.observe(name)

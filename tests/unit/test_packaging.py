@@ -20,10 +20,17 @@ from typing import Any
 import pytest
 import yaml
 
-from controller import apidoc, crd
+from controller import apidoc, crd, nodepolicy
 from controller.api import GROUP, KIND, VERSION, VirtualMachineSpec
 from controller.settings import parser
 from controller.storage import DEFAULT_ALLOWED_DIRS
+
+NODE_REFUSALS = (
+    nodepolicy.STORAGE_NOT_ALLOWED,
+    nodepolicy.NETWORK_NOT_ALLOWED,
+    nodepolicy.OVER_VM_LIMITS,
+    nodepolicy.NODE_MEMORY_FULL,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
@@ -149,7 +156,7 @@ def test_the_argocd_health_check_reads_the_ready_condition() -> None:
     assert '"Ready"' in script
     for status in ("Healthy", "Progressing", "Degraded", "Suspended"):
         assert f'"{status}"' in script
-    for reason in ("DomainConflict", "StorageNotAllowed", "InvalidSpec", "ShutdownOverdue", "HypervisorUnreachable"):
+    for reason in ("DomainConflict", "InvalidSpec", "ShutdownOverdue", "HypervisorUnreachable", *NODE_REFUSALS):
         assert reason in script
 
 

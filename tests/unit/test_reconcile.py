@@ -22,7 +22,9 @@ from controller.api import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
+from controller.nodepolicy import NodeMemory, Refusal
 from controller.reconcile import (
+    NODE_MEMORY_RETRY,
     RAN_LONG_ENOUGH,
     ActionKind,
     Domain,
@@ -92,7 +94,9 @@ class World:
     domain: Domain | None = None
     now: datetime = T0
     spec_hash: str = HASH
-    storage: tuple[str, ...] = ()
+    refusals: tuple[Refusal, ...] = ()
+    node_memory: NodeMemory | None = None
+    storage_hash: str | None = None  # what the storage resolves to now (None: not looked at in this step)
     events: list[tuple[str, str]] = field(default_factory=list)
     actions: list[tuple[ActionKind, datetime]] = field(default_factory=list)
     plans: list[Plan] = field(default_factory=list)
@@ -117,7 +121,9 @@ class World:
             self.domain,
             self.now,
             expected_spec_hash=self.spec_hash,
-            storage_problems=self.storage,
+            expected_storage_hash=self.storage_hash,
+            refusals=self.refusals,
+            node_memory=self.node_memory,
             failure=self.failure,
         )
 
@@ -155,10 +161,12 @@ class World:
                 self.vm = replace(self.vm, has_finalizer=False)
                 self.gone = self.vm.deleting
             case A.DEFINE if dom is None:
-                self.domain = Domain("dom-uuid", self.vm.uid, self.spec_hash, DomainState.STOPPED)
+                self.domain = Domain(
+                    "dom-uuid", self.vm.uid, self.spec_hash, DomainState.STOPPED, storage_hash=self.storage_hash
+                )
             case A.DEFINE:
                 assert dom is not None
-                self.domain = replace(dom, spec_hash=self.spec_hash)
+                self.domain = replace(dom, spec_hash=self.spec_hash, storage_hash=self.storage_hash)
             case A.UNDEFINE:
                 assert dom is not None
                 assert dom.state is DomainState.STOPPED
@@ -343,7 +351,10 @@ def _scenario_conflict() -> World:
 
 
 def _scenario_storage() -> World:
-    w = World(make_vm(has_finalizer=True), storage=("disk /etc/shadow is outside /var/lib/vmop",))
+    w = World(
+        make_vm(has_finalizer=True),
+        refusals=(Refusal("StorageNotAllowed", "disk /etc/shadow is outside /var/lib/vmop"),),
+    )
     w.settle()
     return w
 
@@ -942,7 +953,7 @@ def test_a_foreign_domain_is_never_touched(
 
 
 def test_storage_problems_define_nothing() -> None:
-    w = World(make_vm(), storage=("disk /etc/shadow resolves outside /var/lib/vmop",))
+    w = World(make_vm(), refusals=(Refusal("StorageNotAllowed", "disk /etc/shadow resolves outside /var/lib/vmop"),))
     assert w.settle() == [A.ADD_FINALIZER]
     assert w.domain is None
     assert cond(w.status, "Synced") == ("False", "StorageNotAllowed")
@@ -951,7 +962,7 @@ def test_storage_problems_define_nothing() -> None:
     w.advance(s(600))
     assert w.settle() == []
     assert w.events == [("Warning", "StorageNotAllowed")]
-    w.storage = ()
+    w.refusals = ()
     w.edit()
     assert w.settle() == [A.DEFINE, A.START]
     assert cond(w.status, "Synced") == ("True", "Reconciled")
@@ -959,7 +970,7 @@ def test_storage_problems_define_nothing() -> None:
 
 def test_storage_problems_with_a_defined_domain_neither_redefine_nor_start() -> None:
     w = running(make_spec(STOPPED))
-    w.storage = ("kernel /tmp/k is outside /var/lib/vmop",)
+    w.refusals = (Refusal("StorageNotAllowed", "kernel /tmp/k is outside /var/lib/vmop"),)
     w.spec_hash = "hash-2"
     w.edit(power_state=RUNNING)
     assert w.settle() == []
@@ -1265,3 +1276,58 @@ def test_a_guest_paused_on_an_io_error_past_an_unforced_deadline_does_not_spin()
     assert plan.action is None
     assert plan.wake_at is not None
     assert plan.wake_at > w.now, "no wake in the past: it would spin"
+
+
+def test_a_refused_network_defines_nothing_and_says_which() -> None:
+    refusal = Refusal("NetworkNotAllowed", "interfaces[0]: bridge 'mgmt0' is not allowed on this node")
+    w = World(make_vm(), refusals=(refusal,))
+    assert w.settle() == [A.ADD_FINALIZER]
+    assert w.domain is None
+    assert cond(w.status, "Synced") == ("False", "NetworkNotAllowed")
+    assert cond(w.status, "Ready") == ("False", "NetworkNotAllowed")
+    assert w.events == [("Warning", "NetworkNotAllowed")]
+
+
+def test_a_refusal_found_while_the_domain_runs_never_stops_it() -> None:
+    w = running(make_spec(RUNNING))
+    w.refusals = (Refusal("OverVmLimits", "vcpus 8 is over this node's limit of 4 per VM"),)
+    w.edit()
+    assert w.settle() == []
+    assert w.domain is not None
+    assert w.domain.state is DomainState.RUNNING
+    assert cond(w.status, "Synced") == ("False", "OverVmLimits")
+
+
+def test_a_start_over_the_node_memory_ceiling_waits_and_starts_once_memory_is_free() -> None:
+    w = World(make_vm(), node_memory=NodeMemory(committed_mib=950, ceiling_mib=1000))
+    assert w.settle() == [A.ADD_FINALIZER, A.DEFINE]
+    assert w.domain is not None
+    assert w.domain.state is DomainState.STOPPED
+    assert cond(w.status, "Ready") == ("False", "NodeMemoryFull")
+    assert cond(w.status, "Synced") == ("False", "NodeMemoryFull")
+    assert ("Warning", "NodeMemoryFull") in w.events
+    plan = w.plans[-1]
+    assert plan.wake_at == w.now + NODE_MEMORY_RETRY
+    w.advance(NODE_MEMORY_RETRY)
+    assert w.settle() == []
+    assert w.events.count(("Warning", "NodeMemoryFull")) == 1, "said once, not at every look"
+    w.node_memory = NodeMemory(committed_mib=100, ceiling_mib=1000)
+    w.advance(NODE_MEMORY_RETRY)
+    assert w.settle() == [A.START]
+    assert cond(w.status, "Ready") == ("True", "Running")
+
+
+def test_storage_that_resolves_elsewhere_is_written_before_the_next_start_never_under_a_running_guest() -> None:
+    w = running(make_spec(RUNNING))
+    w.storage_hash = "resolved-2"
+    w.edit()
+    assert w.settle() == [], "the running domain keeps its definition"
+    w.edit(power_state=STOPPED)
+    w.settle()
+    w.stops(StopCause.SHUTDOWN)
+    w.settle()
+    w.storage_hash = "resolved-3"
+    w.edit(power_state=RUNNING)
+    assert w.settle() == [A.DEFINE, A.START]
+    assert w.domain is not None
+    assert w.domain.storage_hash == "resolved-3"
