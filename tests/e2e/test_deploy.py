@@ -78,7 +78,7 @@ def test_the_daemonset_is_a_node_critical_agent_that_tolerates_every_taint(contr
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (container,) = spec["containers"]
     context = container["securityContext"]
-    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]}, "reads image headers, no more"
     assert context["allowPrivilegeEscalation"] is False
     assert context["readOnlyRootFilesystem"] is True
     assert "privileged" not in context

@@ -7,23 +7,23 @@ tenant can make (a backing file outside, a header written into a raw disk), not 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import shutil
 import subprocess
+import sys
 import threading
 import time
 import types
 from pathlib import Path, PurePosixPath
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from controller import storage
 from controller.api import Disk, DiskFormat, DomainSpec
 from controller.storage import Layer, ResolvedDisk, ResolvedStorage, StorageCheck, StorageInspector
-
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (Debian: qemu-utils)")
 
 FIFO_TIMEOUT = 5.0
 
@@ -621,3 +621,39 @@ def test_the_cache_is_bounded(allowed: Path, tmp_path: Path, monkeypatch: pytest
     assert run_count(runs) == 3, "the recently used ones are kept"
     asyncio.run(each(1))
     assert run_count(runs) == 4, "the least recently used one was dropped"
+
+
+# --- as the DaemonSet runs it --------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def checked_with_capabilities(disk: Path, allowed: Path, capabilities: list[str]) -> tuple[str, ...]:
+    """The problems the inspector finds when run as root with only these capabilities, as in the container
+    (its bounding set drops the rest: root's permitted set is then exactly these)."""
+    keep = ",".join(["-all", *(f"+{name.lower()}" for name in capabilities)])
+    code = (
+        "import asyncio, json, sys; from pathlib import Path; "
+        "from controller.storage import StorageInspector; from controller.api import DomainSpec; "
+        "spec = DomainSpec.model_validate({'memoryMiB': 64, 'disks': [{'path': sys.argv[1], 'format': 'qcow2'}]}); "
+        "print(json.dumps(asyncio.run(StorageInspector([Path(sys.argv[2])]).check(spec)).problems))"
+    )
+    argv = ["setpriv", f"--bounding-set={keep}", "--", sys.executable, "-c", code, str(disk), str(allowed)]
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT)
+    return tuple(json.loads(done.stdout))
+
+
+def test_the_daemonsets_capabilities_read_an_image_only_its_owner_may_read(allowed: Path) -> None:
+    """libvirt's volumes are 0600, and a running VM's image belongs to the QEMU user: root without capabilities
+    cannot read its header, root with the DaemonSet's one capability can."""
+    assert os.geteuid() == 0, "plays the container's root: the bed runs as root"
+    container = yaml.safe_load((ROOT / "manifests" / "daemonset.yaml").read_text())["spec"]["template"]["spec"]
+    capabilities = container["containers"][0]["securityContext"]["capabilities"]
+    assert capabilities["drop"] == ["ALL"]
+    disk = image(allowed / "private.qcow2")
+    os.chown(disk, 65534, 65534)
+    disk.chmod(0o600)
+    assert checked_with_capabilities(disk, allowed, capabilities.get("add", [])) == ()
+    (without,) = checked_with_capabilities(disk, allowed, [])
+    assert "qemu-img cannot read it as qcow2" in without
+    assert "Permission denied" in without
