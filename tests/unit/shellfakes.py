@@ -20,11 +20,13 @@ from typing import Any
 import looptime
 
 from controller import domainxml
+from controller.api import DomainSpec
 from controller.clock import Clock
 from controller.hypervisor import HypervisorError, HypervisorUnavailable
 from controller.kube import CONFLICT, NOT_FOUND, KubeError
 from controller.reconcile import Domain, DomainState, StopCause
 from controller.shutdown import ShutdownMark
+from controller.storage import ResolvedStorage, StorageCheck
 
 
 class FakeWall:
@@ -65,6 +67,7 @@ class FakeHypervisor:
     connected: bool = False
     cooperative_delay: float = 0.5
     total_memory_mib: int = 65536
+    start_seconds: float = 0.0  # how long a start takes (QEMU's launch), during which the domain is not running
     _up: asyncio.Event = field(default_factory=asyncio.Event)
     _on_event: Callable[[str], None] = lambda _n: None
     _on_connection: Callable[[bool], None] = lambda _c: None
@@ -138,11 +141,14 @@ class FakeHypervisor:
 
     async def node_memory(self) -> tuple[int, dict[str, int]]:
         self._check("")
+        # As a real call does, it yields: another worker's start may be decided meanwhile.
+        await asyncio.sleep(0.01)
         running = {d.uuid: d.memory_mib for d in self.domains.values() if d.state is not DomainState.STOPPED}
         return self.total_memory_mib, running
 
     async def start_domain(self, uuid: str) -> None:
         self._check(uuid)
+        await asyncio.sleep(self.start_seconds)
         domain = self.by_uuid(uuid)
         domain.state, domain.stop_cause = DomainState.RUNNING, None
         domain.starts += 1
@@ -306,3 +312,17 @@ async def until(predicate: Callable[[], object], *, within: float = 600.0, what:
         if loop.time() > end:
             raise AssertionError(f"not within {within}s of loop time: {what}")
         await asyncio.sleep(0.05)
+
+
+class FakeStorage:
+    """The storage check: every spec allowed, or, with hang set, a file system that never answers."""
+
+    def __init__(self) -> None:
+        self.hang = False
+        self.checks = 0
+
+    async def check(self, spec: DomainSpec) -> StorageCheck:
+        self.checks += 1
+        if self.hang:
+            await asyncio.Event().wait()
+        return StorageCheck((), ResolvedStorage(kernel=None, initrd=None, disks=()))

@@ -21,7 +21,15 @@ from controller.operator import Operator
 from controller.reconcile import DomainState, StopCause
 from controller.settings import from_args
 from controller.shutdown import ShutdownMark
-from tests.unit.shellfakes import FakeEvents, FakeHypervisor, FakeKube, FakeWall, run_on_fake_time, until
+from tests.unit.shellfakes import (
+    FakeEvents,
+    FakeHypervisor,
+    FakeKube,
+    FakeStorage,
+    FakeWall,
+    run_on_fake_time,
+    until,
+)
 
 MS = timedelta(milliseconds=1)
 
@@ -29,7 +37,7 @@ MS = timedelta(milliseconds=1)
 class Env:
     """One node's operator with fake neighbours; VMs are firmware-only (no paths to allow)."""
 
-    def __init__(self, *, resync: float = 300.0, libvirt_up: bool = True) -> None:
+    def __init__(self, *flags: str, resync: float = 300.0, libvirt_up: bool = True) -> None:
         loop = asyncio.get_running_loop()
         self.wall = FakeWall()
         self.wall.loop_time = loop.time
@@ -38,11 +46,18 @@ class Env:
         self.kube = FakeKube()
         self.events = FakeEvents()
         settings = from_args(
-            ["--node-name", "node-a", "--libvirt-uri", "test:///default", "--resync-seconds", str(resync)]
+            ["--node-name", "node-a", "--libvirt-uri", "test:///default", "--resync-seconds", str(resync), *flags]
         )
+        self.storage = FakeStorage()
         self.op = Operator(
-            settings, kube=self.kube, hypervisor=self.hyp, events=self.events, metrics=Metrics(), clock=self.clock
-        )  # type: ignore[arg-type]
+            settings,
+            kube=self.kube,  # type: ignore[arg-type]
+            hypervisor=self.hyp,  # type: ignore[arg-type]
+            events=self.events,  # type: ignore[arg-type]
+            metrics=Metrics(),
+            clock=self.clock,
+            storage=self.storage,  # type: ignore[arg-type]
+        )
 
     def add(self, name: str, *, power: str = "Running", **policy: Any) -> None:
         spec = {"nodeName": "node-a", "powerState": power, "shutdownPolicy": policy, "domain": {"memoryMiB": 64}}
@@ -371,6 +386,66 @@ def test_a_request_that_skips_a_disconnected_agent_says_so_in_its_attempt() -> N
         attempt = env.shutdown("web")["recentAttempts"][-1]
         assert attempt["method"] == "ACPI"
         assert attempt["message"] == "Agent: not connected"
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_file_system_that_hangs_never_holds_back_a_stop_or_its_force() -> None:
+    """The storage is looked at only when no stop of a running domain can be at stake."""
+
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=10, retryIntervalSeconds=0)
+        env.storage.hang = True  # a dead NFS mount: every look from now on waits forever
+        asked = env.clock.now()
+        env.edit("web", powerState="Stopped")
+        await until(lambda: "uid-web" in env.hyp.forced, what="the force")
+        (first,) = env.requests("web")
+        assert first - asked < MS, "the request went out at once"
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - (first + timedelta(seconds=10)) < MS
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_two_starts_at_once_never_take_the_node_past_its_memory_ceiling() -> None:
+    async def run() -> None:
+        env = Env("--memory-ceiling-mib", "100")  # room for one 64 MiB VM
+        env.hyp.start_seconds = 1.0  # the second start is decided while the first one is under way
+        await env.op.start()
+        env.add("a", mode="Force")
+        env.add("b", mode="Force")
+
+        def one_running_one_waiting() -> bool:
+            states = sorted(str(env.kube.status(n).get("powerState")) for n in ("a", "b"))
+            reasons = [c["reason"] for n in ("a", "b") for c in env.kube.status(n).get("conditions", [])]
+            return states == ["Running", "Stopped"] and "NodeMemoryFull" in reasons
+
+        await until(one_running_one_waiting, what="one VM running, the other held by the ceiling")
+        running = next(n for n in ("a", "b") if env.state(n) is DomainState.RUNNING)
+        waiting = "b" if running == "a" else "a"
+        assert env.domain(waiting).starts == 0
+        await asyncio.sleep(60)
+        assert env.domain(waiting).starts == 0, "it looks again, and still does not fit"
+        env.edit(running, powerState="Stopped")
+        await until(lambda: env.state(waiting) is DomainState.RUNNING, what="the second start once memory is free")
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_failed_look_at_the_node_memory_is_that_vms_failure_and_it_starts_once_libvirt_answers() -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        env.hyp.broken[""] = "cannot list domains"  # the node-wide calls fail; per-domain calls work
+        env.add("web")
+        await until(lambda: "ActionFailed" in env.events.reasons("web"), what="the failure reported")
+        assert env.state("web") is DomainState.STOPPED, "not started without knowing the node's memory"
+        del env.hyp.broken[""]
+        await until(lambda: env.state("web") is DomainState.RUNNING, what="the start after libvirt answers")
         await env.op.stop()
 
     scenario(run)
