@@ -246,12 +246,8 @@ class VmWorker:
         vm = self._read()
         try:
             observed = await op.hypervisor.observe(self.domain)
-        except HypervisorUnavailable as error:
-            self._report(vm.status, unreachable(vm, str(error), op.clock.now()))
-            return op.decision_settings.resync.total_seconds()
-        except HypervisorError as error:
-            self._failed("Observe", error)
-            return self._next_backoff()
+        except (HypervisorUnavailable, HypervisorError) as error:
+            return self._look_failed(vm, "Observe", error)
         if self._forced is not None:
             vm = self._take_over_forced_stop(vm, self._forced)
             self._forced = None
@@ -260,12 +256,8 @@ class VmWorker:
         if plan.action is not None and plan.action.kind is ActionKind.START and vm.spec is not None:
             try:
                 node_memory = await self._node_memory(vm.spec.domain.memory_mib)
-            except HypervisorUnavailable as error:
-                self._report(vm.status, unreachable(vm, str(error), op.clock.now()))
-                return op.decision_settings.resync.total_seconds()
-            except HypervisorError as error:
-                self._failed("NodeMemory", error)
-                return self._next_backoff()
+            except (HypervisorUnavailable, HypervisorError) as error:
+                return self._look_failed(vm, "NodeMemory", error)
             plan = self._decide(vm, observed, node_memory)
         mark = plan.shutdown_mark
         self._force_deadline = mark.deadline if mark is not None and mark.force else None
@@ -310,6 +302,15 @@ class VmWorker:
         self._backoff = 0.0
         self._failure = None
         return None
+
+    def _look_failed(self, vm: VirtualMachine, what: str, error: HypervisorUnavailable | HypervisorError) -> float:
+        """A look at libvirt failed: unreachable is the node's (reported, looked at again at the resync, or
+        when the connection is back), any other error this VM's (reported, retried with back-off)."""
+        if isinstance(error, HypervisorUnavailable):
+            self._report(vm.status, unreachable(vm, str(error), self._op.clock.now()))
+            return self._op.decision_settings.resync.total_seconds()
+        self._failed(what, error)
+        return self._next_backoff()
 
     def _expected_hash(self, vm: VirtualMachine) -> str | None:
         return domainxml.spec_hash(vm.spec.domain, self._op.settings.host) if vm.spec else None

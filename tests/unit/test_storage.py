@@ -93,6 +93,15 @@ def counting_qemu_img(tmp_path: Path) -> tuple[str, Path]:
     return script(tmp_path / "counting-qemu-img", f'echo run >> {runs}\nexec qemu-img "$@"\n'), runs
 
 
+def checked_twice(inspector: StorageInspector, domain: DomainSpec) -> tuple[StorageCheck, StorageCheck]:
+    """Two checks of one spec by one inspector (in one event loop, as the operator makes them)."""
+
+    async def twice() -> tuple[StorageCheck, StorageCheck]:
+        return await inspector.check(domain), await inspector.check(domain)
+
+    return asyncio.run(twice())
+
+
 def run_count(runs: Path) -> int:
     return len(runs.read_text().splitlines())
 
@@ -562,10 +571,7 @@ def test_a_settled_chain_is_read_once_then_costs_only_stats(
     top = image(allowed / "top.qcow2", backing=str(mid), backing_format="qcow2")
     inspector = StorageInspector([allowed], qemu_img=runner)
 
-    async def twice() -> tuple[StorageCheck, StorageCheck]:
-        return await inspector.check(qcow2(top)), await inspector.check(qcow2(top))
-
-    first, second = asyncio.run(twice())
+    first, second = checked_twice(inspector, qcow2(top))
     assert first == second
     assert first.resolved is not None
     assert run_count(runs) == 2, "one run per qcow2 layer, the first time only"
@@ -582,11 +588,7 @@ def test_a_header_read_right_after_a_change_is_read_again(allowed: Path, tmp_pat
     top = image(allowed / "top.qcow2")
     inspector = StorageInspector([allowed], qemu_img=runner)
 
-    async def twice() -> None:
-        await inspector.check(qcow2(top))
-        await inspector.check(qcow2(top))
-
-    asyncio.run(twice())
+    checked_twice(inspector, qcow2(top))
     assert run_count(runs) == 2
 
 
@@ -596,11 +598,7 @@ def test_a_problem_is_never_kept(allowed: Path, outside: Path, tmp_path: Path, m
     disk = raw(allowed / "plain.img")
     inspector = StorageInspector([allowed], qemu_img=runner)
 
-    async def twice() -> None:
-        await inspector.check(qcow2(disk))
-        await inspector.check(qcow2(disk))
-
-    asyncio.run(twice())
+    checked_twice(inspector, qcow2(disk))
     assert run_count(runs) == 2, "a failed read is tried again (it may have been a passing failure)"
 
 
