@@ -18,13 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import agent, report, scale, shutdown
+from bench import agent, report, scale, shutdown, storage
 from bench.bed import Bed
 from bench.libvirt_guests import libvirt_guests_baseline
 from testbed.vmop import ROOT
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-SECTIONS = ("deadline", "graceful", "parallel", "agent", "scale")
+SECTIONS = ("deadline", "graceful", "parallel", "agent", "scale", "storage")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class Sizes:
     foreign_own: int = 10
     idle_vms: int = 200
     idle_seconds: float = 60.0
+    storage_depths: tuple[int, ...] = (1, 3, 8)
+    storage_cold_runs: int = 20
+    storage_warm_runs: int = 200
+    storage_vms: int = 200
 
 
 # For developing the bench itself: every path runs, in about two minutes.
@@ -58,6 +62,10 @@ QUICK = Sizes(
     foreign_own=5,
     idle_vms=20,
     idle_seconds=10.0,
+    storage_depths=(1, 3),
+    storage_cold_runs=3,
+    storage_warm_runs=20,
+    storage_vms=20,
 )
 
 
@@ -110,12 +118,19 @@ def _scale(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
     results["scale"] = scale.scale(bed, sizes.scale_vms, sizes.foreign_own, baseline)
 
 
+def _storage(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
+    results["storage"] = storage.storage_costs(
+        bed, sizes.storage_depths, sizes.storage_cold_runs, sizes.storage_warm_runs, sizes.storage_vms
+    )
+
+
 RUNNERS: dict[str, Callable[[Bed, Sizes, dict[str, Any]], None]] = {
     "deadline": _deadline,
     "graceful": _graceful,
     "parallel": _parallel,
     "agent": _agent,
     "scale": _scale,
+    "storage": _storage,
 }
 
 

@@ -104,6 +104,45 @@ def _agent_rows(a: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _storage_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
+    cold, warm = s.get("cold") or {}, s.get("warm") or {}
+    if not cold:
+        return []
+
+    def by_depth(runs: dict[str, Any], key: str, digits: int) -> str:
+        return " / ".join(_f(runs[depth][key], digits) for depth in cold if depth in runs)
+
+    depths = " / ".join(cold)
+    rows = [
+        (
+            f"storage check, cold, qcow2 chain of {depths} (ms)",
+            f"p50 {by_depth(cold, 'p50_ms', 1)}  p95 {by_depth(cold, 'p95_ms', 1)}",
+            "",
+        ),
+        ("  cached, same chains (ms)", f"p50 {by_depth(warm, 'p50_ms', 3)}  p95 {by_depth(warm, 'p95_ms', 3)}", ""),
+    ]
+    firmware, linux = s.get("firmware") or {}, s.get("linux_guest") or {}
+    if "p50_ms" in firmware and "p50_ms" in linux:
+        rows.append(
+            (
+                "  cached, no file / kernel+initrd+raw disk (ms)",
+                f"p50 {_f(firmware['p50_ms'])} / {_f(linux['p50_ms'])}",
+                "",
+            )
+        )
+    c = s.get("concurrent") or {}
+    if "warm_total_ms" in c:
+        rows.append(
+            (
+                f"  cached, {c['vms']} VMs at once (qcow2 overlay each)",
+                f"{_f(c['warm_total_ms']['p50_ms'], 1)} ms, {_f(c['warm_mean_per_check_ms'])} ms per check (one "
+                f"after another {_f(c['warm_one_after_another_mean_ms'])}); cold {_f(c['cold_total_ms'] / 1000, 2)} s",
+                "",
+            )
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str]] = []
     for n, d in (results.get("deadline_overshoot") or {}).items():
@@ -176,6 +215,7 @@ def table(results: dict[str, Any]) -> str:
                 "no polling",
             )
         )
+    rows += _storage_rows(results.get("storage") or {})
     widths = [max(len(r[c]) for r in [("benchmark", "result", "target"), *rows]) for c in range(3)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(("benchmark", "result", "target"), widths, strict=True))]
     lines.append("-+-".join("-" * w for w in widths))

@@ -257,3 +257,81 @@ def test_a_swapped_symlink_is_checked_again_before_the_next_start(
     assert live.find("devices/disk/source").get("file") == str(second), "started on the new definition"
     wait_until(lambda: str(second) in open_files(vmop, "swapped"), timeout=10, message="QEMU opened the new file")
     assert str(first) not in open_files(vmop, "swapped")
+
+
+# --- domains defined before these checks ---------------------------------------------------------------------
+
+
+def old_style_definition(vmop: Vmop, name: str, disk: Path) -> str:
+    """A definition as a vmop without storage checks wrote it: the disk as the spec names it (a link), no
+    pinned chain, no storageHash, and a specHash of that version (another digest)."""
+    body = vmop.vms.get(name)
+    assert body is not None
+    uid = body["metadata"]["uid"]
+    domain = ET.Element("domain", type=vmop.libvirt.domain_type)
+    ET.SubElement(domain, "name").text = vmop.domain_name(name)
+    ET.SubElement(domain, "uuid").text = uid
+    metadata = ET.SubElement(domain, "metadata")
+    ET.SubElement(
+        metadata,
+        "{https://vmop.dev/libvirt/v1alpha1}vm",
+        {"uid": uid, "namespace": vmop.namespace, "name": name, "specHash": "0123456789abcdef"},
+    )
+    ET.SubElement(domain, "memory", unit="MiB").text = "16"
+    ET.SubElement(ET.SubElement(domain, "os"), "type").text = "hvm"
+    devices = ET.SubElement(domain, "devices")
+    element = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(element, "driver", name="qemu", type="raw")
+    ET.SubElement(element, "source", file=str(disk))
+    ET.SubElement(element, "target", dev="vda", bus="virtio")
+    ET.register_namespace("vmop", "https://vmop.dev/libvirt/v1alpha1")
+    return ET.tostring(domain, encoding="unicode")
+
+
+def test_an_upgrade_pins_what_older_definitions_left_open_and_never_stops_a_guest_for_it(
+    vmop: Vmop, storage: Callable[[str], Path], outside: Path
+) -> None:
+    """Domains an older vmop defined name links and leave chains to headers. The new operator redefines each
+    once (for its next start), and one whose storage it now refuses keeps running but does not start again."""
+    target, moved = storage("kept.raw"), storage("moved.raw")
+    for disk in (target, moved):
+        disk.write_bytes(b"\0" * 1024 * 1024)
+        shared(disk)
+    kept_link, moved_link = storage("kept.img"), storage("moved.img")
+    kept_link.symlink_to(target.name)
+    moved_link.symlink_to(moved.name)
+    conn = vmop.libvirt.connect()
+    for name, link in (("kept", kept_link), ("moved", moved_link)):
+        vmop.create(name, domain=firmware({"path": str(link), "format": "raw"}), shutdown_policy={"mode": "Force"})
+        conn.defineXML(old_style_definition(vmop, name, link)).create()
+    # After the old guest started, its link is pointed out of the allowed directory.
+    os.replace(moved_link, moved_link.with_name("gone.img"))
+    moved_link.symlink_to(outside)
+    started = {name: vmop.domain(name).ID() for name in ("kept", "moved")}
+
+    vmop.start_operator()
+    vmop.vms.wait_events("kept", "DefinitionUpdated")
+    (disk,) = inactive_xml(vmop, "kept").findall("devices/disk")
+    assert chain_of(disk) == [("raw", str(target))], "the link resolved, the chain pinned to its end"
+    assert inactive_xml(vmop, "kept").find("metadata/{https://vmop.dev/libvirt/v1alpha1}vm").get("storageHash")
+    wait_refused(vmop, "moved", f"{moved_link} (resolves to {outside})")
+    assert {name: vmop.domain(name).ID() for name in ("kept", "moved")} == started, "no guest was stopped"
+    assert str(outside) not in vmop.domain("moved").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    vmop.vms.patch_spec("moved", powerState="Stopped")
+    wait_until(lambda: not vmop.domain("moved").isActive(), timeout=30, message="the stop asked for")
+    vmop.vms.patch_spec("moved", powerState="Running")
+    vmop.vms.wait(
+        "moved",
+        lambda b: (
+            (condition(b, "Ready") or {}).get("reason") == STORAGE_NOT_ALLOWED
+            and (condition(b, "Ready") or {}).get("observedGeneration") == b["metadata"]["generation"]
+        ),
+        timeout=30,
+        what="Ready=False StorageNotAllowed after powerState Running",
+    )
+    holds_until(
+        lambda: not vmop.domain("moved").isActive(),
+        seconds=2,
+        message="a domain whose storage is refused was started",
+    )
