@@ -3,7 +3,8 @@
 kopf watches VirtualMachines and hands each event of this node's VMs to its worker; libvirt lifecycle
 events wake the worker of their domain. One step of a worker is observe -> decide -> act: it observes the
 domain, checks what the node allows of the spec (storage only when nothing is running that a stop could
-be waiting on; the node's memory only before a start, which then asks the core once more), asks the pure
+be waiting on; the node's memory only before a start or a new VM's first definition, which then asks the
+core once more), asks the pure
 core (`reconcile.decide`), keeps a stop's deadline in the domain's own
 metadata before the first request, acts, and only then reports. The report leaves beside the step: the
 status through the VM's StatusWriter, Events through the recorder; neither is ever awaited, so an API
@@ -138,6 +139,14 @@ def _resource_version(body: dict[str, Any]) -> int | None:
         return None
 
 
+def _takes_memory(plan: Plan, observed: Domain | None, spec: VirtualMachineSpec) -> bool:
+    """A start, or the first definition of a VM to run: the steps the node's memory ceiling is asked about."""
+    if plan.action is None:
+        return False
+    first_definition = plan.action.kind is ActionKind.DEFINE and observed is None
+    return plan.action.kind is ActionKind.START or (first_definition and spec.power_state is not PowerState.STOPPED)
+
+
 class VmWorker:
     """Reconciles one VirtualMachine, one step at a time, until its object is gone."""
 
@@ -253,7 +262,7 @@ class VmWorker:
             self._forced = None
         await self._check_storage(vm, observed)
         plan = self._decide(vm, observed)
-        if plan.action is not None and plan.action.kind is ActionKind.START and vm.spec is not None:
+        if vm.spec is not None and _takes_memory(plan, observed, vm.spec):
             try:
                 node_memory = await self._node_memory(vm.spec.domain.memory_mib)
             except (HypervisorUnavailable, HypervisorError) as error:

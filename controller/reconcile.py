@@ -289,7 +289,7 @@ def decide(
     storage resolves to now, None when the shell did not look in this step (it looks before every
     definition and start, and only then: a stop never waits on a file system). refusals are what the
     node does not allow of the spec (storage, networks, sizes); node_memory is the node's committed
-    memory, looked at before a start. failure is the last action that failed, if it has not succeeded since.
+    memory, looked at before a start and before the first definition of a VM to run. failure is the last action that failed, if it has not succeeded since.
     """
     if failure is not None and failure.action is ActionKind.DEFINE and failure.spec_hash != expected_spec_hash:
         failure = None  # refused for a spec that is no longer asked for
@@ -332,6 +332,8 @@ def decide(
 
     if not vm.has_finalizer:
         d.ready = ("False", "Initializing", "adding the finalizer that undefines the domain on delete")
+        if domain is None:
+            d.update(power_state=ObservedPowerState.STOPPED)  # known, not Unknown: there is no domain to run
         return d.plan(Action(ActionKind.ADD_FINALIZER))
 
     if refusals:
@@ -351,6 +353,13 @@ def decide(
             d.ready = d.synced = ("False", "DefinitionRefused", f"libvirt refused the definition: {refused.message}")
             if now < refused.retry_at:
                 return d.plan(wake_at=refused.retry_at)
+        if spec.power_state is not PowerState.STOPPED:
+            # A VM to run is defined only when it can also start: one the node has no memory for is not
+            # left behind in libvirt as a definition that cannot run.
+            held = _held_for_memory(d)
+            if held is not None:
+                d.update(power_state=ObservedPowerState.STOPPED)
+                return held
         if vm.status.domain_uuid is None:
             # A new VM: a restart annotation it was created with is not a request to restart.
             d.update(
@@ -703,19 +712,27 @@ def _restart_after_unasked_stop(
 NODE_MEMORY_RETRY = timedelta(seconds=15)
 
 
+def _held_for_memory(d: _Decision) -> Plan | None:
+    """Not started (nor, for a new VM, defined) while the node's memory has no room for it; None if it has."""
+    memory = d.node_memory
+    assert d.vm.spec is not None
+    refused = nodepolicy.memory_refusal(d.vm.spec.domain.memory_mib, memory) if memory is not None else None
+    if refused is None:
+        return None
+    d.ready = d.synced = ("False", refused.reason, refused.message)
+    previous = d.vm.status.condition("Ready")
+    if previous is None or previous.reason != refused.reason:
+        d.event("Warning", refused.reason, refused.message)
+    return d.plan(wake_at=d.now + NODE_MEMORY_RETRY)
+
+
 def _start(d: _Decision, blocked: Refusal | None, why: str, *, restarts: int = 0) -> Plan:
     if blocked is not None:
         d.ready = ("False", blocked.reason, "not started while the node refuses the spec")
         return d.plan()
-    memory = d.node_memory
-    assert d.vm.spec is not None
-    refused = nodepolicy.memory_refusal(d.vm.spec.domain.memory_mib, memory) if memory is not None else None
-    if refused is not None:
-        d.ready = d.synced = ("False", refused.reason, refused.message)
-        previous = d.vm.status.condition("Ready")
-        if previous is None or previous.reason != refused.reason:
-            d.event("Warning", refused.reason, refused.message)
-        return d.plan(wake_at=d.now + NODE_MEMORY_RETRY)
+    held = _held_for_memory(d)
+    if held is not None:
+        return held
     d.ready = ("False", "Starting", why)
     if not d.held_back(ActionKind.START):
         d.update(started_at=d.now, restarts=restarts)

@@ -1298,11 +1298,10 @@ def test_a_refusal_found_while_the_domain_runs_never_stops_it() -> None:
     assert cond(w.status, "Synced") == ("False", "OverVmLimits")
 
 
-def test_a_start_over_the_node_memory_ceiling_waits_and_starts_once_memory_is_free() -> None:
+def test_a_vm_over_the_node_memory_ceiling_is_neither_defined_nor_started_until_memory_is_free() -> None:
     w = World(make_vm(), node_memory=NodeMemory(committed_mib=950, ceiling_mib=1000))
-    assert w.settle() == [A.ADD_FINALIZER, A.DEFINE]
-    assert w.domain is not None
-    assert w.domain.state is DomainState.STOPPED
+    assert w.settle() == [A.ADD_FINALIZER]
+    assert w.domain is None, "a VM to run that cannot start is not defined either"
     assert cond(w.status, "Ready") == ("False", "NodeMemoryFull")
     assert cond(w.status, "Synced") == ("False", "NodeMemoryFull")
     assert ("Warning", "NodeMemoryFull") in w.events
@@ -1313,7 +1312,7 @@ def test_a_start_over_the_node_memory_ceiling_waits_and_starts_once_memory_is_fr
     assert w.events.count(("Warning", "NodeMemoryFull")) == 1, "said once, not at every look"
     w.node_memory = NodeMemory(committed_mib=100, ceiling_mib=1000)
     w.advance(NODE_MEMORY_RETRY)
-    assert w.settle() == [A.START]
+    assert w.settle() == [A.DEFINE, A.START]
     assert cond(w.status, "Ready") == ("True", "Running")
 
 
@@ -1331,3 +1330,9 @@ def test_storage_that_resolves_elsewhere_is_written_before_the_next_start_never_
     assert w.settle() == [A.DEFINE, A.START]
     assert w.domain is not None
     assert w.domain.storage_hash == "resolved-3"
+
+
+def test_a_stopped_vm_is_defined_whatever_the_node_memory() -> None:
+    w = World(make_vm(make_spec(STOPPED)), node_memory=NodeMemory(committed_mib=1000, ceiling_mib=1000))
+    assert w.settle() == [A.ADD_FINALIZER, A.DEFINE]
+    assert cond(w.status, "Ready") == ("True", "Stopped")
