@@ -12,6 +12,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 
 from testbed.controlplane import ControlPlane
 from testbed.libvirthost import LibvirtHost
-from testbed.vmop import ROOT, OperatorProcess, Vms, install, node_kubeconfig, vm_manifest
+from testbed.vmop import ROOT, OperatorProcess, Vms, install, node_kubeconfig, parse_time, vm_manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -80,6 +81,15 @@ class Vmop:
     def domain_state(self, name: str) -> int:
         state: int = self.domain(name).state()[0]
         return state
+
+    def stop_requested(self, name: str) -> datetime:
+        """Set powerState Stopped and wait until the first shutdown request is sent; the deadline the operator
+        wrote (a fault test then measures the force against it)."""
+        self.vms.patch_spec(name, powerState="Stopped")
+        body = self.vms.wait(
+            name, lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1, timeout=30, what="a request"
+        )
+        return parse_time(body["status"]["shutdown"]["deadline"])
 
     def wait_running(self, name: str, *, ready: bool = True, timeout: float = 120.0) -> dict[str, Any]:
         """Wait until the VM reads Running and, for Linux guests, until the guest listens for ACPI."""

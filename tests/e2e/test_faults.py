@@ -83,11 +83,7 @@ def start_stop(vmop: Vmop, name: str, *, grace: int, retry: int) -> datetime:
         shutdown_policy={"gracePeriodSeconds": grace, "retryIntervalSeconds": retry},
     )
     vmop.wait_running(name)
-    vmop.vms.patch_spec(name, powerState="Stopped")
-    body = vmop.vms.wait(
-        name, lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1, timeout=30, what="a request"
-    )
-    return parse_time(body["status"]["shutdown"]["deadline"])
+    return vmop.stop_requested(name)
 
 
 def wait_forced(vmop: Vmop, name: str, *, timeout: float = 60) -> dict[str, Any]:

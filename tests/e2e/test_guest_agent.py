@@ -105,11 +105,7 @@ def test_an_agent_that_ignores_shutdown_is_forced_at_the_deadline(vmop: Vmop) ->
     )
     agent_state(vmop, "deaf", True)
     wait_console(vmop, "deaf", "GUEST-AGENT-READY")
-    vmop.vms.patch_spec("deaf", powerState="Stopped")
-    body = vmop.vms.wait(
-        "deaf", lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1, timeout=30, what="a request"
-    )
-    deadline = parse_time(body["status"]["shutdown"]["deadline"])
+    deadline = vmop.stop_requested("deaf")
     watch = ShutoffWatch(vmop.libvirt, vmop.domain_name("deaf"))
     shutoff = watch.wait(timeout=(deadline - datetime.now(UTC)).total_seconds() + 10)
     assert deadline <= shutoff < deadline + MARGIN, f"forced {shutoff - deadline} after the deadline"
@@ -144,14 +140,7 @@ def test_ten_hung_agents_delay_no_neighbours_force(vmop: Vmop) -> None:
         timeout=30,
         message="the hung VMs' stops did not begin",
     )
-    vmop.vms.patch_spec("neighbour", powerState="Stopped")
-    body = vmop.vms.wait(
-        "neighbour",
-        lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1,
-        timeout=30,
-        what="the neighbour's first request",
-    )
-    deadline = parse_time(body["status"]["shutdown"]["deadline"])
+    deadline = vmop.stop_requested("neighbour")
     watch = ShutoffWatch(vmop.libvirt, vmop.domain_name("neighbour"))
     shutoff = watch.wait(timeout=(deadline - datetime.now(UTC)).total_seconds() + 10)
     # ... and the neighbour is forced on time all the same.

@@ -18,14 +18,7 @@ def test_libvirt_outage_is_reported_and_the_deadline_is_kept(vmop_own_libvirt: V
     operator = vmop.start_operator()
     vmop.create("patient", kind="stubborn", shutdown_policy={"gracePeriodSeconds": 6, "retryIntervalSeconds": 2})
     vmop.wait_running("patient", ready=False)
-    vmop.vms.patch_spec("patient", powerState="Stopped")
-    body = vmop.vms.wait(
-        "patient",
-        lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1,
-        timeout=30,
-        what="a request",
-    )
-    deadline = parse_time(body["status"]["shutdown"]["deadline"])
+    deadline = vmop.stop_requested("patient")
 
     own_libvirt.stop_daemon()
     body = vmop.vms.wait(

@@ -16,11 +16,7 @@ def test_operator_killed_mid_shutdown_keeps_the_deadline(vmop: Vmop) -> None:
     vmop.create("durable", kind="stubborn", shutdown_policy={"gracePeriodSeconds": 8, "retryIntervalSeconds": 2})
     vmop.wait_running("durable", ready=False)
 
-    vmop.vms.patch_spec("durable", powerState="Stopped")
-    body = vmop.vms.wait(
-        "durable", lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1, timeout=30, what="a request"
-    )
-    deadline = parse_time(body["status"]["shutdown"]["deadline"])
+    deadline = vmop.stop_requested("durable")
     vmop.operator.kill()
     assert vmop.domain_state("durable") == libvirt.VIR_DOMAIN_RUNNING
 

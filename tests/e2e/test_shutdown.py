@@ -174,11 +174,7 @@ def test_switching_back_to_running_cancels_the_stop_and_forces_nothing(vmop: Vmo
     vmop.wait_running("fickle", ready=False)
     domain_id = vmop.domain("fickle").ID()
 
-    vmop.vms.patch_spec("fickle", powerState="Stopped")
-    body = vmop.vms.wait(
-        "fickle", lambda b: (b["status"].get("shutdown") or {}).get("attempts", 0) >= 1, timeout=30, what="a request"
-    )
-    deadline = parse_time(body["status"]["shutdown"]["deadline"])
+    deadline = vmop.stop_requested("fickle")
     vmop.vms.patch_spec("fickle", powerState="Running")
     body = vmop.vms.wait(
         "fickle",
