@@ -83,6 +83,17 @@ fail() {{
   echo "GUEST-ERROR $*" > /dev/ttyS0
   while :; do sleep 3600; done
 }}
+# holds_open PID FILE NAME LOG: wait until the process has FILE open, so that what it serves is ready.
+holds_open() {{
+  held=""
+  while [ -z "$held" ]; do
+    for fd in /proc/$1/fd/*; do
+      [ "$(readlink "$fd")" = "$2" ] && held=yes
+    done
+    [ -d /proc/$1 ] || fail "$3 exited: $(cat "$4" 2>/dev/null)"
+    [ -n "$held" ] || sleep 0.05
+  done
+}}
 mkdir -p /etc/vmop
 ignore=0
 delay=0
@@ -128,15 +139,7 @@ while [ -z "$button" ]; do
 done
 
 acpid -f -c /etc/acpi -l /tmp/acpid.log &
-acpid_pid=$!
-listening=""
-while [ -z "$listening" ]; do
-  for fd in /proc/$acpid_pid/fd/*; do
-    [ "$(readlink "$fd")" = "$button" ] && listening=yes
-  done
-  [ -d /proc/$acpid_pid ] || fail "acpid exited"
-  [ -n "$listening" ] || sleep 0.05
-done
+holds_open $! "$button" acpid /tmp/acpid.log
 
 # No udev here: the agent's port is the vportNpM whose name is the channel's, and devtmpfs has its node.
 if [ "$agent" != absent ]; then
@@ -158,15 +161,7 @@ if [ "$agent" != absent ]; then
   else
     /usr/sbin/qemu-ga --method=virtio-serial --path="$port" --statedir=/tmp \
       --logfile=/tmp/qemu-ga.log &
-    agent_pid=$!
-    opened=""
-    while [ -z "$opened" ]; do
-      for fd in /proc/$agent_pid/fd/*; do
-        [ "$(readlink "$fd")" = "$port" ] && opened=yes
-      done
-      [ -d /proc/$agent_pid ] || fail "qemu-ga exited: $(cat /tmp/qemu-ga.log)"
-      [ -n "$opened" ] || sleep 0.05
-    done
+    holds_open $! "$port" qemu-ga /tmp/qemu-ga.log
   fi
   echo "GUEST-AGENT-READY mode=$agent port=$port uptime=$(cat /proc/uptime)" > /dev/ttyS0
 fi

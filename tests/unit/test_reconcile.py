@@ -244,6 +244,14 @@ def running(spec: VirtualMachineSpec | None = None, **vm_changes: Any) -> World:
     return w
 
 
+def stopped_as_asked(w: World) -> None:
+    """powerState Stopped, the request sent, the guest shut itself down, and the stop recorded."""
+    w.edit(power_state=STOPPED)
+    w.settle()
+    w.stops(StopCause.SHUTDOWN)
+    w.settle()
+
+
 def stopping(spec: VirtualMachineSpec | None = None) -> World:
     """A running VM asked to stop (graceful): the first request has been sent at T0."""
     w = running(spec)
@@ -1126,10 +1134,7 @@ def test_a_new_vm_libvirt_refuses_to_define_shows_it_and_retries_after_the_backo
 
 def test_a_start_that_fails_is_reported_until_it_succeeds() -> None:
     w = running()
-    w.edit(power_state=STOPPED)
-    w.settle()
-    w.stops(StopCause.SHUTDOWN)
-    w.settle()
+    stopped_as_asked(w)
     w.refuse[A.START] = "Cannot get interface MTU on 'br0': No such device"
     w.edit(power_state=RUNNING)
     assert w.settle() == [A.START]
@@ -1239,10 +1244,7 @@ def test_vms_without_an_agent_channel_have_no_agent_condition() -> None:
 def test_an_action_held_back_after_a_failure_is_a_fixed_point() -> None:
     """Deciding again before the retry changes nothing and posts nothing: no status write, no loop."""
     w = running()
-    w.edit(power_state=STOPPED)
-    w.settle()
-    w.stops(StopCause.SHUTDOWN)
-    w.settle()
+    stopped_as_asked(w)
     w.refuse[A.START] = "internal error: UNIX socket path too long"
     w.edit(power_state=RUNNING)
     assert w.settle() == [A.START]
@@ -1321,10 +1323,7 @@ def test_storage_that_resolves_elsewhere_is_written_before_the_next_start_never_
     w.storage_hash = "resolved-2"
     w.edit()
     assert w.settle() == [], "the running domain keeps its definition"
-    w.edit(power_state=STOPPED)
-    w.settle()
-    w.stops(StopCause.SHUTDOWN)
-    w.settle()
+    stopped_as_asked(w)
     w.storage_hash = "resolved-3"
     w.edit(power_state=RUNNING)
     assert w.settle() == [A.DEFINE, A.START]
