@@ -105,6 +105,21 @@ class DiskBus(StrEnum):
     IDE = "ide"
 
 
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+# The prefix of the taints Kubernetes itself puts on a node (not-ready, unreachable, memory-pressure, ...).
+SYSTEM_TAINT_PREFIX = "node.kubernetes.io/"
+
+
 class InterfaceType(StrEnum):
     NETWORK = "network"
     BRIDGE = "bridge"
@@ -209,6 +224,66 @@ class Interface(_Model):
     )
 
 
+class Toleration(_Model):
+    """A Pod's toleration, field for field: the same words mean the same on a VirtualMachine."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            (
+                "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+                "an empty key needs operator Exists",
+            ),
+            (
+                "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty with operator Exists",
+            ),
+            (
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds needs effect NoExecute",
+            ),
+        )
+    )
+
+    key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=316,
+        pattern=TEXT_PATTERN,
+        description="The taint key this toleration matches; empty (with operator Exists) matches every taint.",
+    )
+    operator: TolerationOperator = Field(
+        TolerationOperator.EQUAL,
+        description="Equal matches a taint of this key and value; Exists matches any value of the key.",
+    )
+    value: str | None = Field(None, max_length=63, pattern=TEXT_PATTERN, description="The taint value (Equal).")
+    effect: TaintEffect | None = Field(
+        None,
+        description=("The taint effect this toleration matches; empty matches all. Only NoExecute taints stop a VM."),
+    )
+    toleration_seconds: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        description=(
+            "With effect NoExecute: how long after the taint was added the VM keeps running before it is "
+            "stopped (0 or less: at once). Unset tolerates the taint for ever. The taints Kubernetes puts "
+            f"on a node whose kubelet stops reporting ({SYSTEM_TAINT_PREFIX}not-ready, unreachable and the "
+            f"other {SYSTEM_TAINT_PREFIX}* taints) never stop a VM unless it has a toleration for that "
+            "taint with tolerationSeconds: a guest does not depend on its node's kubelet."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rules_of_the_schema(self) -> Toleration:
+        if self.key is None and self.operator is not TolerationOperator.EXISTS:
+            raise ValueError("an empty key needs operator Exists")
+        if self.operator is TolerationOperator.EXISTS and self.value:
+            raise ValueError("value must be empty with operator Exists")
+        if self.toleration_seconds is not None and self.effect is not TaintEffect.NO_EXECUTE:
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
+
+
 class DomainSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_validations(
@@ -298,6 +373,28 @@ class VirtualMachineSpec(_Model):
         ),
     )
     domain: DomainSpec = Field(description="The libvirt domain to define for this VM.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Taints of the node this VM tolerates, as a Pod's tolerations. A NoExecute taint of the node that "
+            "the VM does not tolerate stops it by its shutdownPolicy (status.shutdown.purpose Taint) and "
+            "keeps it off, whatever powerState says, until the taint is removed; then a VM whose powerState "
+            f"is Running starts again. The {SYSTEM_TAINT_PREFIX}* taints (not-ready, unreachable, ...) stop "
+            "nothing unless a toleration with tolerationSeconds asks for it. See README, Maintaining a node."
+        ),
+    )
+    priority: int = Field(
+        0,
+        ge=-1_000_000_000,
+        le=1_000_000_000,
+        description=(
+            "The order of node maintenance: under a NoExecute taint the node's VMs stop in groups of equal "
+            "priority, lowest first, each group once every VM of the lower ones is off; when the taint goes "
+            "they start again highest first, each group once the higher ones run. Give a database a higher "
+            "priority than the applications that write to it."
+        ),
+    )
 
 
 class Condition(_Model):
@@ -328,13 +425,18 @@ class ShutdownPurpose(StrEnum):
     STOP = "Stop"
     RESTART = "Restart"
     DELETE = "Delete"
+    TAINT = "Taint"
     NONE = "None"
 
 
 class ShutdownRecord(_Model):
     purpose: ShutdownPurpose = Field(
-        description="Why the VM was turned off: Stop, Restart, Delete, or None when nobody asked (the guest or someone else did)."
+        description=(
+            "Why the VM was turned off: Stop, Restart, Delete, Taint (a NoExecute taint of the node, named in "
+            "taint), or None when nobody asked (the guest or someone else did)."
+        )
     )
+    taint: str | None = Field(None, description="With purpose Taint: the node's taint, as key=value:effect.")
     requested_at: datetime | None = Field(None, description="When vmop first asked for this stop.")
     deadline: datetime | None = Field(None, description="When vmop forces the VM off (if forceAfterDeadline).")
     method: str | None = Field(None, description="The method of the latest request (ACPI, Agent or Force).")
@@ -382,6 +484,13 @@ class VirtualMachineStatus(_Model):
         None, description="The value of the vmop.dev/restartedAt annotation whose restart was last carried out."
     )
     shutdown: ShutdownRecord | None = Field(None, description="The latest stop: requested, forced, or unasked.")
+    held_by_taint: str | None = Field(
+        None,
+        description=(
+            "The node taint (key=value:effect) that keeps this VM off, from its stop until it has started "
+            "again after the taint went (in priority order)."
+        ),
+    )
     conditions: Annotated[
         list[Condition],
         Field(

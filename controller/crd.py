@@ -72,6 +72,8 @@ def crd_manifest() -> dict[str, Any]:
             {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
             {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
             {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+            {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority", "priority": 1},
+            {"name": "Held-By", "type": "string", "jsonPath": ".status.heldByTaint", "priority": 1},
             {"name": "Agent", "type": "boolean", "jsonPath": ".status.agentConnected", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],

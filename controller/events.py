@@ -1,4 +1,4 @@
-"""Kubernetes Events about VirtualMachines, posted beside the operator's work and never in front of it.
+"""Kubernetes Events about VirtualMachines and their Node, posted beside the operator's work, never in front of it.
 
 An Event is a report, not state: losing one costs a line in `kubectl get events`, while waiting on one can
 push a forced stop past its deadline. So `post()` only queues, and one background task writes the queue
@@ -52,6 +52,10 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Events about a cluster-scoped object (the Node) live here, where kubectl and the kubelet put them.
+_CLUSTER_SCOPED_EVENTS_NAMESPACE = "default"
+
+
 @dataclass
 class _Pending:
     """Occurrences not yet on the API server; repeats merge here, so a burst is one write."""
@@ -59,6 +63,9 @@ class _Pending:
     namespace: str
     name: str
     uid: str | None
+    api_version: str
+    kind: str
+    scoped: bool  # the object has a namespace (a VirtualMachine), else the Event goes to "default"
     resource_version: str | None
     type_: str
     reason: str
@@ -156,7 +163,8 @@ class EventRecorder:
     # -- the caller's side: never waits, never raises ---------------------------------------------------
 
     def post(self, body: dict[str, Any], *, type_: str, reason: str, message: str) -> None:
-        """Queue an Event about the VM `body`; returns at once, whatever the API server is doing."""
+        """Queue an Event about `body` (a VirtualMachine unless it says its kind, as a Node does); returns at
+        once, whatever the API server is doing."""
         try:
             self._enqueue(body, type_=type_, reason=reason, message=message)
         except Exception:
@@ -166,7 +174,9 @@ class EventRecorder:
 
     def _enqueue(self, body: dict[str, Any], *, type_: str, reason: str, message: str) -> None:
         meta = body["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
+        scoped = "namespace" in meta
+        namespace = meta["namespace"] if scoped else _CLUSTER_SCOPED_EVENTS_NAMESPACE
+        name, uid = meta["name"], meta.get("uid")
         message = _truncate(message)
         key: _Key = (namespace, name, uid or "", type_, reason, message)
         now = self._clock()
@@ -189,6 +199,9 @@ class EventRecorder:
                     namespace=namespace,
                     name=name,
                     uid=uid,
+                    api_version=body.get("apiVersion") or f"{GROUP}/{VERSION}",
+                    kind=body.get("kind") or KIND,
+                    scoped=scoped,
                     resource_version=meta.get("resourceVersion"),
                     type_=type_,
                     reason=reason,
@@ -341,10 +354,10 @@ class EventRecorder:
         return client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{pending.name}.", namespace=pending.namespace),
             involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}",
-                kind=KIND,
+                api_version=pending.api_version,
+                kind=pending.kind,
                 name=pending.name,
-                namespace=pending.namespace,
+                namespace=pending.namespace if pending.scoped else None,
                 uid=pending.uid,
                 resource_version=pending.resource_version,
             ),

@@ -39,6 +39,8 @@ class KubeError(Exception):
 class Kube:
     def __init__(self, api_client: client.ApiClient, *, timeout: float = 10.0, workers: int = 32) -> None:
         self._objects = client.CustomObjectsApi(api_client)
+        self._core = client.CoreV1Api(api_client)
+        self._api_client = api_client
         self._timeout = timeout
         # The client blocks; its calls run here, never on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
@@ -105,6 +107,20 @@ class Kube:
             field_selector=f"spec.nodeName={node_name}",
         )
         return list(result.get("items", [])), str(result["metadata"]["resourceVersion"])
+
+    async def get_node(self, node_name: str) -> dict[str, Any] | None:
+        """This node's Node object as the API serves it, or None if there is none (no Node: no taints).
+
+        A list with a field selector, as the watch is: the operator's rights on Nodes are to read, and a
+        missing Node is an empty list rather than an error to tell from a refusal.
+        """
+        result = await self._call(
+            f"reading Node {node_name}", self._core.list_node, field_selector=f"metadata.name={node_name}"
+        )
+        # The client's own JSON form of its model (camelCase keys, RFC 3339 times), as a watch event has it.
+        serialize: Callable[[Any], dict[str, Any]] = self._api_client.sanitize_for_serialization
+        items = serialize(result).get("items") or []
+        return dict(items[0]) if items else None
 
     async def add_finalizer(self, body: dict[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]

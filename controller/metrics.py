@@ -50,6 +50,11 @@ class Metrics:
             "1 while this operator holds its node's lock and acts; 0 while it waits as a standby.",
             registry=self.registry,
         )
+        self.held_by_taint = Gauge(
+            "vmop_virtual_machines_held_by_taint",
+            "VirtualMachines of this node that a NoExecute taint stops or keeps off (status.heldByTaint).",
+            registry=self.registry,
+        )
         # Every label value exported from the start, at 0: a series that appears only at its first
         # increment hides that increment from rate() and increase(), and reads as "no data" on a dashboard.
         for outcome in ShutdownOutcome:

@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from controller import domainxml, nodepolicy
+from controller import domainxml, maintenance, nodepolicy
 from controller.api import (
     FINALIZER,
     GROUP,
@@ -46,6 +46,7 @@ from controller.events import EventRecorder
 from controller.hypervisor import Hypervisor, HypervisorError, HypervisorUnavailable
 from controller.kube import Kube, KubeError
 from controller.logs import vm_logger
+from controller.maintenance import NO_TURN, UNKNOWN_TURN, Member, NodePlan, Taint, Turn
 from controller.metrics import Metrics
 from controller.nodelock import NodeLock
 from controller.nodepolicy import NodeMemory, Refusal, StartReservations
@@ -170,6 +171,11 @@ class VmWorker:
         # The last look at the spec's storage, and whether it was taken in this step (see _check_storage).
         self._storage: StorageCheck | None = None
         self._storage_fresh = False
+        # What the node's maintenance asks of this VM (the operator's planner sets it), and what the planner
+        # knows of it: None until its first step, then its view (None too for a VM the planner leaves out).
+        self.turn: Turn = UNKNOWN_TURN
+        self.member: Member | None = None
+        self.stepped = False
         self._log = vm_logger(*self.key, self.domain, logger)
         if unreadable:
             self._log.warning("status fields %s cannot be read by this version; kept what can be", unreadable)
@@ -249,6 +255,9 @@ class VmWorker:
         finally:
             # A start's reservation of node memory lasts until its start call has returned (or was not made).
             self._op.reservations.release(self.uid)
+            if not self.stepped:
+                self.stepped = True
+                self._op.maintenance_changed()
 
     async def _reconcile(self) -> float | None:
         op = self._op
@@ -268,6 +277,7 @@ class VmWorker:
             except (HypervisorUnavailable, HypervisorError) as error:
                 return self._look_failed(vm, "NodeMemory", error)
             plan = self._decide(vm, observed, node_memory)
+        self._seen(vm, observed, plan)
         mark = plan.shutdown_mark
         self._force_deadline = mark.deadline if mark is not None and mark.force else None
         if observed is not None and observed.owner_uid == vm.uid and observed.state is not DomainState.STOPPED:
@@ -311,6 +321,24 @@ class VmWorker:
         self._backoff = 0.0
         self._failure = None
         return None
+
+    def _seen(self, vm: VirtualMachine, observed: Domain | None, plan: Plan) -> None:
+        """Tell the maintenance planner where this VM is, if that changed (a planner run costs all VMs)."""
+        member = None
+        if vm.spec is not None and not vm.deleting and (observed is None or observed.owner_uid == vm.uid):
+            overdue = plan.status.condition("ShutdownOverdue")
+            member = Member(
+                key=self.key,
+                priority=vm.spec.priority,
+                tolerations=tuple(vm.spec.tolerations),
+                wants_running=vm.spec.power_state is not PowerState.STOPPED,
+                off=observed is None or observed.state is DomainState.STOPPED,
+                held_by=plan.status.held_by_taint,
+                overdue=overdue is not None and overdue.status == "True",
+            )
+        if member != self.member:
+            self.member = member
+            self._op.maintenance_changed()
 
     def _look_failed(self, vm: VirtualMachine, what: str, error: HypervisorUnavailable | HypervisorError) -> float:
         """A look at libvirt failed: unreachable is the node's (reported, looked at again at the resync, or
@@ -376,6 +404,7 @@ class VmWorker:
             node_memory=node_memory,
             settings=op.decision_settings,
             failure=self._failure,
+            turn=self.turn,
         )
 
     async def _keep_mark(self, plan: Plan, observed: Domain) -> None:
@@ -532,6 +561,14 @@ class Operator:
         self._by_domain: dict[str, VmWorker] = {}
         self._power_states: dict[Key, ObservedPowerState] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # The node's maintenance: its Node as last read (None: none exists), its NoExecute taints (None
+        # until the Node has been read once), when each taint without timeAdded was first seen, the plan.
+        self._node: dict[str, Any] | None = None
+        self._taints: tuple[Taint, ...] | None = None
+        self._taints_first_seen: dict[tuple[str, str, str], datetime] = {}
+        self._node_plan: NodePlan | None = None
+        self._listed = False
+        self._maintenance_dirty = asyncio.Event()
 
     async def start(self) -> None:
         """After the node lock is held: connect to libvirt, arm the backstop, relist at every resync."""
@@ -540,6 +577,8 @@ class Operator:
         self._tasks = [
             asyncio.create_task(self.backstop.arm(), name="backstop"),
             asyncio.create_task(self._relist(), name="relist"),
+            asyncio.create_task(self._read_node(), name="node"),
+            asyncio.create_task(self._maintain(), name="maintenance"),
         ]
 
     def is_mine(self, spec: dict[str, Any]) -> bool:
@@ -558,6 +597,9 @@ class Operator:
             worker = None
         if worker is None:
             worker = VmWorker(self, body, forced=self.backstop.hand_over(meta["uid"]))
+            if self._taints == () and self._listed and not (body.get("status") or {}).get("heldByTaint"):
+                # An untainted node with nothing held: the planner's answer is known before it runs.
+                worker.turn = NO_TURN
             self.workers[key] = worker
             self._by_domain[worker.domain] = worker
         else:
@@ -583,6 +625,9 @@ class Operator:
                 await asyncio.sleep(resync if listed_once else _FIRST_RELIST_RETRY)
                 continue
             listed_once = True
+            if not self._listed:
+                self._listed = True
+                self.maintenance_changed()
             listed = set()
             for body in items:
                 listed.add((body["metadata"]["namespace"], body["metadata"]["name"]))
@@ -596,10 +641,81 @@ class Operator:
                     self._forget(worker)
             await asyncio.sleep(resync)
 
+    async def _read_node(self) -> None:
+        """The Node, read at once (again every few seconds until it answers) and at every resync; the watch
+        (node_event) brings every change in between."""
+        while True:
+            try:
+                node = await self.kube.get_node(self.settings.node_name)
+            except KubeError as error:
+                logger.warning("reading the Node failed: %s", error)
+                await asyncio.sleep(
+                    self.decision_settings.resync.total_seconds() if self._taints is not None else _FIRST_RELIST_RETRY
+                )
+                continue
+            self.node_event(node)
+            await asyncio.sleep(self.decision_settings.resync.total_seconds())
+
+    def node_event(self, node: dict[str, Any] | None) -> None:
+        """This node's Node object as now (None: there is none); a watch event or a read."""
+        taints = maintenance.read_taints(node)
+        now = self.clock.now()
+        names = {taint.name for taint in taints}
+        for name in names - self._taints_first_seen.keys():
+            self._taints_first_seen[name] = now
+        for name in self._taints_first_seen.keys() - names:
+            del self._taints_first_seen[name]
+        if node is not None:
+            node = {**node, "apiVersion": "v1", "kind": "Node"}
+        self._node = node
+        if taints != self._taints:
+            self._taints = taints
+            self.maintenance_changed()
+
+    def maintenance_changed(self) -> None:
+        self._maintenance_dirty.set()
+
+    async def _maintain(self) -> None:
+        """Plan the node's maintenance whenever a VM, the Node or the clock (a tolerationSeconds) changes it.
+
+        The plan is made once for a burst of changes (the task runs after the steps that caused them), and
+        gives every worker its turn; a worker is woken only when its turn changed.
+        """
+        while True:
+            self._maintenance_dirty.clear()
+            next_at = self._plan_maintenance()
+            timeout = self.clock.seconds_until(next_at) if next_at is not None else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._maintenance_dirty.wait(), timeout=max(0.0, timeout) if timeout is not None else None
+                )
+
+    def _plan_maintenance(self) -> datetime | None:
+        workers = list(self.workers.values())
+        # Nothing is known of an order until the Node and every VM of the node have been seen once: until
+        # then each worker keeps its UNKNOWN turn (stops under way go on, nothing starts, nothing new stops).
+        if self._taints is None or not self._listed or not all(worker.stepped for worker in workers):
+            return None
+        members = [worker.member for worker in workers if worker.member is not None]
+        plan = maintenance.plan(self._taints, self._taints_first_seen, members, self.clock.now())
+        for worker in workers:
+            turn = plan.turns.get(worker.key, NO_TURN)
+            if turn != worker.turn:
+                worker.turn = turn
+                worker.wake()
+        self.metrics.held_by_taint.set(sum(member.held_by is not None for member in members))
+        if self._node is not None:
+            for event in maintenance.node_events(self._node_plan, plan):
+                logger.info("%s: %s", event.reason, event.message, extra={"reason": event.reason})
+                self.events.post(self._node, type_=event.type, reason=event.reason, message=event.message)
+        self._node_plan = plan
+        return plan.next_at
+
     def _forget(self, worker: VmWorker) -> None:
         worker.cancel()
         self.workers.pop(worker.key, None)
         self._by_domain.pop(worker.domain, None)
+        self.maintenance_changed()
         self._power_states.pop(worker.key, None)
         self.metrics.power_states(Counter(self._power_states.values()))
 
@@ -657,6 +773,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
         # of the CRD): the operator of a node receives, parses and holds nothing of other nodes' VMs. The
         # `when` filter below stays as a second line, for API servers without selectable fields.
         settings.watching.field_selectors[GROUP, PLURAL] = f"spec.nodeName={operator.settings.node_name}"
+        # Its own Node only (its taints drive the node's maintenance), and nothing of any other node.
+        settings.watching.field_selectors["v1", "nodes"] = f"metadata.name={operator.settings.node_name}"
         # Least privilege: no CRD or namespace scanning, and kopf posts no Events of its own.
         settings.scanning.disabled = True
         settings.posting.enabled = False
@@ -676,6 +794,12 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
     @kopf.on.probe(id="libvirtConnected", registry=registry)
     def libvirt_connected(**_: Any) -> bool:
         return operator.hypervisor.connected
+
+    @kopf.on.event("v1", "nodes", registry=registry)
+    async def node(event: kopf.RawEvent, **_: Any) -> None:
+        body: dict[str, Any] = dict(event["object"])
+        if body.get("metadata", {}).get("name") == operator.settings.node_name:
+            operator.node_event(None if event["type"] == "DELETED" else body)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, when=mine)
     async def virtual_machine(event: kopf.RawEvent, **_: Any) -> None:

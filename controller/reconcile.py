@@ -27,6 +27,7 @@ from controller.api import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
+from controller.maintenance import NO_TURN, Turn, TurnKind
 from controller.nodepolicy import NodeMemory, Refusal
 from controller.shutdown import ShutdownMark
 
@@ -282,6 +283,7 @@ def decide(
     node_memory: NodeMemory | None = None,
     settings: Settings = Settings(),
     failure: Failure | None = None,
+    turn: Turn = NO_TURN,
 ) -> Plan:
     """The next step for one VM.
 
@@ -289,7 +291,9 @@ def decide(
     storage resolves to now, None when the shell did not look in this step (it looks before every
     definition and start, and only then: a stop never waits on a file system). refusals are what the
     node does not allow of the spec (storage, networks, sizes); node_memory is the node's committed
-    memory, looked at before a start and before the first definition of a VM to run. failure is the last action that failed, if it has not succeeded since.
+        memory, looked at before a start and before the first definition of a VM to run. failure is the last
+    action that failed, if it has not succeeded since. turn is what the node's maintenance asks of this VM
+    (see controller.maintenance).
     """
     if failure is not None and failure.action is ActionKind.DEFINE and failure.spec_hash != expected_spec_hash:
         failure = None  # refused for a spec that is no longer asked for
@@ -400,6 +404,9 @@ def decide(
                 d.synced = ("False", "DefinitionRefused", f"libvirt refused the new definition: {refused.message}")
             return d.plan(Action(ActionKind.DEFINE))
 
+    held = _maintenance(d, spec, domain, turn)
+    if held is not None:
+        return held
     if restart_pending and target is not PowerState.STOPPED and domain.state is not DomainState.STOPPED:
         return _stop(d, spec, domain, ShutdownPurpose.RESTART)
     if restart_pending:
@@ -494,7 +501,54 @@ def _finish_requested_stop(d: _Decision, record: ShutdownRecord, domain: Domain)
             d.event("Warning", "DestroyedOutside", f"the domain was destroyed outside vmop {took} into its shutdown")
 
 
-def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: ShutdownPurpose) -> Plan:
+def _maintenance(d: _Decision, spec: VirtualMachineSpec, domain: Domain, turn: Turn) -> Plan | None:
+    """A node taint's stop, and the hold that follows it until the VM's turn to start; None: no hold.
+
+    A stop a taint began goes on to its deadline while the taint stays, and while the taints are not
+    known (an operator just started, before its first read of the Node: nothing starts then); it is
+    cancelled, as any stop, once the VM may run again. heldByTaint is set with the stop and cleared when
+    the VM is seen running again, so that the next priority group starts only after it.
+    """
+    record = active_stop(d.status)
+    taint_stop = record if record is not None and record.purpose is ShutdownPurpose.TAINT else None
+    off = domain.state is DomainState.STOPPED
+    wants_running = spec.power_state is not PowerState.STOPPED
+    if turn.kind is TurnKind.STOP or (taint_stop is not None and turn.kind in (TurnKind.WAIT, TurnKind.UNKNOWN)):
+        taint = turn.taint if turn.kind is TurnKind.STOP else taint_stop.taint if taint_stop else None
+        if not wants_running and taint_stop is None:
+            return None  # the user's own stop, which nothing holds once the taint goes
+        d.update(held_by_taint=taint if wants_running else None)
+        plan = _stop(d, spec, domain, ShutdownPurpose.TAINT, taint=taint)
+        if not off or not wants_running:
+            return plan
+        turn = Turn(TurnKind.WAIT, taint)  # off now: Ready says what keeps it off (the stop's report stands)
+    if not wants_running:
+        d.update(held_by_taint=None)
+        return None
+    held_by = d.status.held_by_taint
+    if not off:
+        if held_by is not None and taint_stop is None:
+            d.update(held_by_taint=None)  # seen running again: the next group may start
+        return None
+    match turn.kind:
+        case TurnKind.WAIT:
+            d.update(held_by_taint=turn.taint)
+            message = f"held off by the node's taint {turn.taint}: starts again when it is removed"
+            d.ready = ("False", "HeldByTaint", message)
+        case TurnKind.START_LATER:
+            d.ready = ("False", "WaitingToStart", f"the node's taint {held_by} is gone: {turn.why}")
+        case TurnKind.UNKNOWN:
+            # Not even a VM no taint held: the node may have been tainted while the operator was away.
+            d.ready = ("False", "HeldByTaint" if held_by else "WaitingToStart", turn.why)
+        case _:
+            return None
+    d.update(power_state=ObservedPowerState.STOPPED)
+    return d.plan()
+
+
+def _stop(
+    d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: ShutdownPurpose, *, taint: str | None = None
+) -> Plan:
     record = active_stop(d.status)
     policy = shutdown.policy_for(spec.shutdown_policy, purpose)
     if domain.state is DomainState.STOPPED:
@@ -510,9 +564,15 @@ def _stop(d: _Decision, spec: VirtualMachineSpec, domain: Domain, purpose: Shutd
         # Begun (and its deadline set) before anything else, a resume included: a guest that cannot be
         # resumed or cannot hear (suspended, paused on an I/O error) is still forced at the deadline.
         record = shutdown.begin(policy, purpose, d.now)
+        if taint is not None:
+            record = record.model_copy(update={"taint": taint})
         deadline = record.deadline
         assert deadline is not None
-        verb = {ShutdownPurpose.RESTART: "restart", ShutdownPurpose.DELETE: "delete"}.get(purpose, "stop")
+        verb = {
+            ShutdownPurpose.RESTART: "restart",
+            ShutdownPurpose.DELETE: "delete",
+            ShutdownPurpose.TAINT: f"node taint {taint}",
+        }.get(purpose, "stop")
         if graceful and (policy.grace_period_seconds > 0 or not policy.force_after_deadline):
             d.event(
                 "Normal",

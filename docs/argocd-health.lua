@@ -6,8 +6,8 @@
 -- conditions and status.powerState.
 --
 --   Healthy      Ready=True and the VM runs
---   Suspended    Ready=True and the VM is Stopped or Paused as asked, or a guest powered itself off and
---                restartPolicy leaves it off
+--   Suspended    Ready=True and the VM is Stopped or Paused as asked, a guest powered itself off and
+--                restartPolicy leaves it off, or a node taint holds it off (HeldByTaint: maintenance)
 --   Degraded     a reason that needs a person: DomainConflict, StorageNotAllowed, NetworkNotAllowed,
 --                OverVmLimits, NodeMemoryFull, InvalidSpec, ShutdownOverdue, HypervisorUnreachable, DefinitionRefused, CrashLoopBackOff, an action
 --                libvirt refused (StartFailed, ForceOffFailed, ...: every reason ending in Failed), or a
@@ -99,7 +99,7 @@ if ready.status == "True" then
   return hs
 end
 
-if ready.reason == "StoppedGuestInitiated" then
+if ready.reason == "StoppedGuestInitiated" or ready.reason == "HeldByTaint" then
   hs.status = "Suspended"
   hs.message = describe(ready)
   return hs

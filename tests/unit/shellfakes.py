@@ -200,6 +200,7 @@ class FakeKube:
         self.timeout = 10.0
         self.conflicts = 0  # the next N status writes lose a race
         self.status_writes: list[tuple[tuple[str, str], dict[str, Any]]] = []
+        self.nodes: dict[str, dict[str, Any]] = {}
         self._versions = itertools.count(100)
 
     def _bump(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -264,6 +265,11 @@ class FakeKube:
         await self._answer()
         version = str(next(self._versions))
         return [copy.deepcopy(b) for b in self.objects.values() if b["spec"]["nodeName"] == node_name], version
+
+    async def get_node(self, node_name: str) -> dict[str, Any] | None:
+        await self._answer()
+        node = self.nodes.get(node_name)
+        return copy.deepcopy(node) if node is not None else None
 
     async def add_finalizer(self, body: dict[str, Any]) -> dict[str, Any]:
         await self._answer()

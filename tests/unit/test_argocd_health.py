@@ -68,6 +68,8 @@ R, S = ObservedPowerState.RUNNING, ObservedPowerState.STOPPED
         (status(R, ("Ready", "False", "DomainConflict"), ("Synced", "False", "DomainConflict")), "Degraded"),
         (status(ObservedPowerState.UNKNOWN, ("Ready", "Unknown", "HypervisorUnreachable")), "Degraded"),
         (status(S, ("Ready", "False", "StoppedGuestInitiated")), "Suspended"),
+        (status(S, ("Ready", "False", "HeldByTaint")), "Suspended"),
+        (status(S, ("Ready", "False", "WaitingToStart")), "Progressing"),
         (status(S, ("Ready", "False", "StoppedCrashed")), "Degraded"),
         (status(R, ("Ready", "True", "Running"), ("Synced", "False", "DefinitionRefused")), "Degraded"),
         (status(R, ("Ready", "True", "Running"), ("Synced", "False", "DefinitionPending")), "Healthy"),
