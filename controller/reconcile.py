@@ -216,6 +216,8 @@ class _Decision:
     mark: ShutdownMark | None = None
     failure: Failure | None = None
     node_memory: NodeMemory | None = None
+    # What a VM that runs on is told of the node's maintenance (its group's stop waits for the lower ones).
+    note: str = ""
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
@@ -238,6 +240,8 @@ class _Decision:
                 # Not again before its time: the shell's backoff, held here so that one step both reports
                 # the failure and waits.
                 action, wake_at = None, min(wake_at, failure.retry_at) if wake_at else failure.retry_at
+        if self.note and self.ready[0] == "True" and not self.ready[2]:
+            self.ready = (*self.ready[:2], self.note)
         resync_at = self.now + self.settings.resync
         conditions = list(self.status.conditions)
         generation = self.vm.generation
@@ -529,6 +533,8 @@ def _maintenance(d: _Decision, spec: VirtualMachineSpec, domain: Domain, turn: T
     if not off:
         if held_by is not None and taint_stop is None:
             d.update(held_by_taint=None)  # seen running again: the next group may start
+        if turn.kind is TurnKind.WAIT:
+            d.note = f"node taint {turn.taint}: {turn.why}"
         return None
     match turn.kind:
         case TurnKind.WAIT:
