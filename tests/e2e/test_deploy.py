@@ -8,8 +8,10 @@ metrics by scraping the operator while it stops real guests.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -213,6 +215,28 @@ def test_operator_may_not(
     control_plane: ControlPlane, operator_kubeconfig: Path, verb: str, resource: str, subresource: str
 ) -> None:
     assert not can_i(control_plane, operator_kubeconfig, verb, resource, subresource)
+
+
+def test_the_operator_reads_and_watches_its_own_node_and_no_other(
+    vmop: Vmop, node_requests: Callable[[], list[dict[str, Any]]]
+) -> None:
+    """RBAC cannot name the node of a DaemonSet's pod: the API server's audit log shows what was asked."""
+    vmop.start_operator()
+    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+
+    def mine() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in node_requests()
+            if r["user"]["username"] == user
+            and r["user"].get("extra", {}).get("authentication.kubernetes.io/node-name") == [vmop.node_name]
+        ]
+
+    wait_until(lambda: {"list", "watch"} <= {r["verb"] for r in mine()}, timeout=30, message="a list and a watch")
+    for record in mine():
+        query = parse_qs(urlsplit(record["requestURI"]).query)
+        assert record["verb"] in ("get", "list", "watch"), record["requestURI"]
+        assert query.get("fieldSelector") == [f"metadata.name={vmop.node_name}"], record["requestURI"]
 
 
 # ---- GitOps
