@@ -246,7 +246,6 @@ class Toleration(_Model):
 
     key: str | None = Field(
         None,
-        min_length=1,
         max_length=316,
         pattern=TEXT_PATTERN,
         description="The taint key this toleration matches; empty (with operator Exists) matches every taint.",
@@ -275,7 +274,7 @@ class Toleration(_Model):
 
     @model_validator(mode="after")
     def _rules_of_the_schema(self) -> Toleration:
-        if self.key is None and self.operator is not TolerationOperator.EXISTS:
+        if not self.key and self.operator is not TolerationOperator.EXISTS:
             raise ValueError("an empty key needs operator Exists")
         if self.operator is TolerationOperator.EXISTS and self.value:
             raise ValueError("value must be empty with operator Exists")

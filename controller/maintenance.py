@@ -5,8 +5,10 @@ overdue), and the clock. Each VM's worker gets a Turn and keeps deciding its own
 VMs lives only here, and is read again from the level every time (nothing of a maintenance is remembered
 but each VM's status.heldByTaint), so an operator restarted in the middle carries on where it was.
 
-Tolerations match as Kubernetes matches a Pod's (k8s.io/api/core/v1 ToleratesTaint), and tolerationSeconds
-counts from the taint's timeAdded as the taint manager's eviction does. Unlike a Pod, a VM tolerates the
+Tolerations match as Kubernetes matches a Pod's (k8s.io/api/core/v1 ToleratesTaint). tolerationSeconds
+counts from the taint's timeAdded (the taint manager counts from when it noticed the taint, the same moment
+for a running manager; timeAdded also survives an operator restart), or from when this operator first saw a
+taint that has none. Unlike a Pod, a VM tolerates the
 node.kubernetes.io/* taints unless it asks otherwise: those say the kubelet stopped reporting, and a guest
 does not depend on its node's kubelet.
 """
@@ -64,7 +66,7 @@ def tolerates(toleration: Toleration, taint: Taint) -> bool:
     """Kubernetes' ToleratesTaint: effect (empty matches all), key (empty with Exists matches all), value."""
     if toleration.effect is not None and toleration.effect.value != taint.effect:
         return False
-    if toleration.key is not None and toleration.key != taint.key:
+    if toleration.key and toleration.key != taint.key:
         return False
     if toleration.operator is TolerationOperator.EXISTS:
         return True
@@ -72,14 +74,18 @@ def tolerates(toleration: Toleration, taint: Taint) -> bool:
 
 
 def stop_at(tolerations: Iterable[Toleration], taint: Taint, since: datetime) -> datetime | None:
-    """When this NoExecute taint, on the node since `since`, stops a VM with these tolerations; None: never."""
+    """When this NoExecute taint, on the node since `since`, stops a VM with these tolerations; None: never.
+
+    As the taint manager's getMinTolerationTime: the shortest tolerationSeconds of the matching
+    tolerations (0 or less: at once); only if none has seconds is the taint tolerated for ever.
+    """
     matching = [t for t in tolerations if tolerates(t, taint)]
     if not matching:
         return None if taint.key.startswith(SYSTEM_TAINT_PREFIX) else since
-    if any(t.toleration_seconds is None for t in matching):
+    seconds = [t.toleration_seconds for t in matching if t.toleration_seconds is not None]
+    if not seconds:
         return None
-    seconds = min(t.toleration_seconds for t in matching if t.toleration_seconds is not None)
-    return since + timedelta(seconds=max(0, min(seconds, 10**9)))
+    return since + timedelta(seconds=max(0, min(*seconds, 10**9)))
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,6 @@ def node_events(before: NodePlan | None, after: NodePlan) -> list[NodeEvent]:
                 f"{_names(after.group_members)}",
             )
         )
-    if after.phase is Phase.IDLE and was is Phase.STARTING:
-        events.append(NodeEvent("Normal", "MaintenanceEnded", "every VM held by the taint has started again"))
+    if after.phase is Phase.IDLE and was in (Phase.STOPPING, Phase.COMPLETE, Phase.STARTING):
+        events.append(NodeEvent("Normal", "MaintenanceEnded", "no taint stops a VM, and every VM it held has started"))
     return events

@@ -76,6 +76,10 @@ _MAX_BACKOFF = 60.0
 # Past a deadline whose force failed, it is tried again this often, whatever the backoff says.
 _OVERDUE_RETRY = 1.0
 _FIRST_RELIST_RETRY = 2.0
+# The maintenance plan is made at most this often: one plan covers a burst of steps (a thousand VMs
+# starting would otherwise cost a plan of all of them per step), and the order it keeps is between groups
+# of VMs that take seconds to stop or start. Deadlines are each worker's own and never wait for a plan.
+_MAINTENANCE_BATCH = 0.1
 
 
 class _RetryForever:
@@ -682,6 +686,7 @@ class Operator:
         gives every worker its turn; a worker is woken only when its turn changed.
         """
         while True:
+            await asyncio.sleep(_MAINTENANCE_BATCH)
             self._maintenance_dirty.clear()
             next_at = self._plan_maintenance()
             timeout = self.clock.seconds_until(next_at) if next_at is not None else None

@@ -531,8 +531,10 @@ def _maintenance(d: _Decision, spec: VirtualMachineSpec, domain: Domain, turn: T
         return None
     held_by = d.status.held_by_taint
     if not off:
-        if held_by is not None and taint_stop is None:
-            d.update(held_by_taint=None)  # seen running again: the next group may start
+        if held_by is not None:
+            # Seen running (a taint stop under way is cancelled below, in this same step): the next group
+            # may start.
+            d.update(held_by_taint=None)
         if turn.kind is TurnKind.WAIT:
             d.note = f"node taint {turn.taint}: {turn.why}"
         return None
