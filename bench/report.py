@@ -143,6 +143,34 @@ def _storage_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _maintenance_rows(m: dict[str, Any]) -> list[tuple[str, str, str]]:
+    stop, start = m.get("stop") or {}, m.get("start") or {}
+    rows: list[tuple[str, str, str]] = []
+    if "total" in stop:
+        spans = " / ".join(_f(g["span"], 1) for g in stop["groups"])
+        gaps = " / ".join(_f(gap, 2) for gap in stop["gaps"])
+        rows.append(
+            (
+                f"maintenance, {m['groups']}x{m['per_group']} VMs ({m['stubborn_per_group']} stubborn each), "
+                f"G={m['grace']} s: taint to all off",
+                f"{_f(stop['total'], 1)} s (sum of G {stop['sum_of_grace']} s), left running {stop['left_running']}, "
+                f"order violations {stop['order_violations']}",
+                "~sum of G",
+            )
+        )
+        rows.append(("  group spans (s), lowest first; gaps (s)", f"{spans}; {gaps}", ""))
+    if "total" in start:
+        gaps = " / ".join(_f(gap, 2) for gap in start["gaps"])
+        rows.append(
+            (
+                "  untaint to all Running, highest first",
+                f"{_f(start['total'], 1)} s, gaps {gaps} s, order violations {start['order_violations']}",
+                "",
+            )
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str]] = []
     for n, d in (results.get("deadline_overshoot") or {}).items():
@@ -216,6 +244,7 @@ def table(results: dict[str, Any]) -> str:
             )
         )
     rows += _storage_rows(results.get("storage") or {})
+    rows += _maintenance_rows(results.get("maintenance") or {})
     widths = [max(len(r[c]) for r in [("benchmark", "result", "target"), *rows]) for c in range(3)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(("benchmark", "result", "target"), widths, strict=True))]
     lines.append("-+-".join("-" * w for w in widths))
