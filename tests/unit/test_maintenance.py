@@ -6,7 +6,7 @@ decision is driven through the fake shell of test_reconcile with the turn the pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,7 +40,7 @@ from controller.maintenance import (
     stop_at,
     tolerates,
 )
-from controller.reconcile import Plan, StopCause, decide
+from controller.reconcile import StopCause
 from tests.unit.clock import T0, s
 from tests.unit.test_reconcile import STOPPED, A, World, cond, make_spec, make_vm
 
@@ -564,28 +564,8 @@ def test_a_vm_has_priority_zero_and_no_tolerations_unless_it_says_so() -> None:
 # --- the decision: what a VM makes of its turn ----------------------------------------------------------
 
 
-@dataclass
-class NodeWorld(World):
-    """test_reconcile's fake shell, deciding with the turn the node's planner hands this VM."""
-
-    turn: Turn = NO_TURN
-
-    def decide(self) -> Plan:
-        return decide(
-            self.vm,
-            self.domain,
-            self.now,
-            expected_spec_hash=self.spec_hash,
-            expected_storage_hash=self.storage_hash,
-            refusals=self.refusals,
-            node_memory=self.node_memory,
-            failure=self.failure,
-            turn=self.turn,
-        )
-
-
-def running(spec: VirtualMachineSpec | None = None) -> NodeWorld:
-    w = NodeWorld(make_vm(spec or make_spec(grace_period_seconds=GRACE)))
+def running(spec: VirtualMachineSpec | None = None) -> World:
+    w = World(make_vm(spec or make_spec(grace_period_seconds=GRACE)))
     assert w.settle() == [A.ADD_FINALIZER, A.DEFINE, A.START]
     assert cond(w.status, "Ready") == ("True", "Running")
     w.events.clear()
@@ -593,7 +573,7 @@ def running(spec: VirtualMachineSpec | None = None) -> NodeWorld:
     return w
 
 
-def held(spec: VirtualMachineSpec | None = None) -> NodeWorld:
+def held(spec: VirtualMachineSpec | None = None) -> World:
     """A VM the taint stopped: its guest shut down when asked, and it is kept off."""
     w = running(spec)
     w.turn = STOP_TURN
@@ -605,7 +585,7 @@ def held(spec: VirtualMachineSpec | None = None) -> NodeWorld:
     return w
 
 
-def assert_settled(w: NodeWorld) -> None:
+def assert_settled(w: World) -> None:
     """Deciding again on the written status changes nothing: the shell does not wake on its own write."""
     first = w.decide()
     assert first == w.decide()
@@ -689,7 +669,7 @@ def test_wait_keeps_an_off_vm_off() -> None:
 
 
 def test_a_new_vm_on_a_tainted_node_is_defined_and_not_started() -> None:
-    w = NodeWorld(make_vm(make_spec()), turn=Turn(TurnKind.WAIT, NAME, "tolerates the taint until later"))
+    w = World(make_vm(make_spec()), turn=Turn(TurnKind.WAIT, NAME, "tolerates the taint until later"))
     assert w.settle() == [A.ADD_FINALIZER, A.DEFINE]
     assert cond(w.status, "Ready") == ("False", "HeldByTaint")
     assert w.status.held_by_taint == NAME
@@ -710,7 +690,7 @@ def test_unknown_taints_continue_a_taint_stop_to_its_deadline_and_start_nothing(
 
 
 def test_unknown_taints_start_no_vm_that_is_off_and_stop_none_that_runs() -> None:
-    new = NodeWorld(make_vm(make_spec()), turn=UNKNOWN_TURN)
+    new = World(make_vm(make_spec()), turn=UNKNOWN_TURN)
     assert new.settle() == [A.ADD_FINALIZER, A.DEFINE]
     assert cond(new.status, "Ready") == ("False", "WaitingToStart")
 

@@ -22,6 +22,7 @@ from controller.api import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
+from controller.maintenance import NO_TURN, Turn
 from controller.nodepolicy import NodeMemory, Refusal
 from controller.reconcile import (
     NODE_MEMORY_RETRY,
@@ -105,6 +106,7 @@ class World:
     refuse: dict[ActionKind, str] = field(default_factory=dict)
     failure: Failure | None = None
     retry: timedelta = timedelta(seconds=2)
+    turn: Turn = NO_TURN  # what the node's maintenance asks of this VM
 
     @property
     def status(self) -> VirtualMachineStatus:
@@ -125,6 +127,7 @@ class World:
             refusals=self.refusals,
             node_memory=self.node_memory,
             failure=self.failure,
+            turn=self.turn,
         )
 
     def step(self) -> Plan:
