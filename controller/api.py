@@ -230,7 +230,7 @@ class Toleration(_Model):
     model_config = ConfigDict(
         json_schema_extra=_validations(
             (
-                "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+                "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
                 "an empty key needs operator Exists",
             ),
             (
@@ -259,10 +259,10 @@ class Toleration(_Model):
         None,
         description=("The taint effect this toleration matches; empty matches all. Only NoExecute taints stop a VM."),
     )
+    # No bounds, as a Pod's (an int64): the API server holds a schema bound as a float64, and 2**63 - 1
+    # rounds past int64 and refuses every value. Beyond 10**9 s (31 years) it counts as 10**9.
     toleration_seconds: int | None = Field(
         None,
-        ge=-(2**63),
-        le=2**63 - 1,
         description=(
             "With effect NoExecute: how long after the taint was added the VM keeps running before it is "
             "stopped (0 or less: at once). Unset tolerates the taint for ever. The taints Kubernetes puts "

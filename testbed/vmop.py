@@ -228,8 +228,12 @@ def vm_manifest(
     suspend_after: float | None = None,
     agent: str | None = None,
     domain: dict[str, Any] | None = None,
+    priority: int | None = None,
+    tolerations: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A VirtualMachine running one of the bed's guests: coop (ACPI-obedient), stubborn, or firmware-only."""
+    """A VirtualMachine running one of the bed's guests: coop (ACPI-obedient), stubborn, or firmware-only.
+
+    priority and tolerations (Pod-shaped) set spec.priority and spec.tolerations, for node maintenance."""
     images = libvirt.images
     guests: dict[str, dict[str, Any]] = {
         "coop": {
@@ -263,6 +267,10 @@ def vm_manifest(
         spec["shutdownPolicy"] = shutdown_policy
     if restart_policy is not None:
         spec["restartPolicy"] = restart_policy
+    if priority is not None:
+        spec["priority"] = priority
+    if tolerations is not None:
+        spec["tolerations"] = tolerations
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualMachine", "metadata": {"name": name}, "spec": spec}
 
 

@@ -94,6 +94,61 @@ def test_what_libvirt_can_run_is_accepted_by_the_api_server_and_the_model(vmop: 
     VirtualMachineSpec.model_validate(created["spec"])
 
 
+def toleration(**fields: Any) -> dict[str, Any]:
+    return {"tolerations": [{"key": "vmop.dev/maintenance", "operator": "Exists", "effect": "NoExecute", **fields}]}
+
+
+# Node maintenance's fields, beside the domain: a toleration is a Pod's, checked as the Pod API checks it.
+SPEC_REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "empty-key-with-equal": (toleration(key="", operator="Equal", value="x"), "an empty key needs operator Exists"),
+    "no-key-with-equal": ({"tolerations": [{"operator": "Equal"}]}, "an empty key needs operator Exists"),
+    "exists-with-a-value": (toleration(value="v"), "value must be empty with operator Exists"),
+    "seconds-without-noexecute": (
+        toleration(effect="NoSchedule", tolerationSeconds=5),
+        "tolerationSeconds needs effect NoExecute",
+    ),
+    "unknown-effect": (toleration(effect="NoRun"), "Unsupported value"),
+    "priority-past-its-bound": ({"priority": 1_000_000_001}, "less than or equal to 1000000000"),
+}
+
+SPEC_ACCEPTED: dict[str, dict[str, Any]] = {
+    "seconds": toleration(tolerationSeconds=300),
+    "seconds-0": toleration(tolerationSeconds=0),
+    "seconds-negative": toleration(tolerationSeconds=-5),
+    "seconds-int64-max": toleration(tolerationSeconds=2**63 - 1),
+    "everything-by-an-empty-key": {"tolerations": [{"key": "", "operator": "Exists"}, {"operator": "Exists"}]},
+    "equal-with-a-value": toleration(operator="Equal", value="planned"),
+    "lowest-priority": {"priority": -1_000_000_000},
+}
+
+
+def spec_with(vmop: Vmop, name: str, fields: dict[str, Any]) -> dict[str, Any]:
+    manifest = vmop.manifest(name, kind="firmware", power_state="Stopped")
+    manifest["spec"].update(copy.deepcopy(fields))
+    return manifest
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_REFUSED))
+def test_a_bad_toleration_or_priority_is_refused_by_the_api_server_and_the_model(vmop: Vmop, case: str) -> None:
+    fields, message = SPEC_REFUSED[case]
+    manifest = spec_with(vmop, "bad", fields)
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        vmop.vms.create(manifest)
+    assert refused.value.status == 422
+    assert message in str(refused.value.body)
+    with pytest.raises(pydantic.ValidationError):
+        VirtualMachineSpec.model_validate(manifest["spec"])
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_ACCEPTED))
+def test_a_pod_shaped_toleration_or_a_priority_is_accepted_by_the_api_server_and_the_model(
+    vmop: Vmop, case: str
+) -> None:
+    created = vmop.vms.create(spec_with(vmop, case, SPEC_ACCEPTED[case]))
+    assert given(created["spec"], SPEC_ACCEPTED[case]) == SPEC_ACCEPTED[case]
+    VirtualMachineSpec.model_validate(created["spec"])
+
+
 def test_the_longest_name_the_api_takes_runs_under_a_domain_name_libvirt_can_hold(vmop: Vmop) -> None:
     name = ".".join(["a" * 63] * 3 + ["b" * 61])
     assert len(name) == 253
