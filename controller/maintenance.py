@@ -50,16 +50,18 @@ def read_taints(node: Mapping[str, Any] | None) -> tuple[Taint, ...]:
     for raw in (node.get("spec") or {}).get("taints") or ():
         if raw.get("effect") != TaintEffect.NO_EXECUTE.value or not raw.get("key"):
             continue
-        added = raw.get("timeAdded")
-        taints.append(
-            Taint(
-                key=raw["key"],
-                effect=raw["effect"],
-                value=raw.get("value") or "",
-                time_added=datetime.fromisoformat(added.replace("Z", "+00:00")) if added else None,
-            )
-        )
+        taints.append(Taint(key=raw["key"], effect=raw["effect"], value=raw.get("value") or "", time_added=_time(raw)))
     return tuple(taints)
+
+
+def _time(taint: Mapping[str, Any]) -> datetime | None:
+    """A taint's timeAdded; one that does not read (the API server validates it, a hand-made one may not)
+    counts as none: the taint then counts from when the operator saw it, rather than not at all."""
+    added = taint.get("timeAdded")
+    try:
+        return datetime.fromisoformat(added.replace("Z", "+00:00")) if isinstance(added, str) and added else None
+    except ValueError:
+        return None
 
 
 def tolerates(toleration: Toleration, taint: Taint) -> bool:

@@ -688,7 +688,14 @@ class Operator:
         while True:
             await asyncio.sleep(_MAINTENANCE_BATCH)
             self._maintenance_dirty.clear()
-            next_at = self._plan_maintenance()
+            try:
+                next_at = self._plan_maintenance()
+            except Exception:
+                # A bug of vmop's: counted and logged, and planned again at the next change; the workers
+                # keep their turns meanwhile, so a stop under way goes on to its deadline.
+                logger.exception("planning the node's maintenance failed unexpectedly")
+                self.metrics.reconcile_errors.labels("unexpected").inc()
+                next_at = None
             timeout = self.clock.seconds_until(next_at) if next_at is not None else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(

@@ -105,6 +105,13 @@ def test_only_no_execute_taints_with_a_key_are_read() -> None:
     )
 
 
+@pytest.mark.parametrize("added", ["yesterday", "", 5, None])
+def test_a_time_added_that_does_not_read_counts_as_none(added: object) -> None:
+    """The taint still stops VMs, counted from when the operator saw it, rather than the Node going unread."""
+    node = {"spec": {"taints": [{"key": "k", "effect": "NoExecute", "timeAdded": added}]}}
+    assert read_taints(node) == (Taint("k", NO_EXECUTE, "", None),)
+
+
 @pytest.mark.parametrize("node", [None, {}, {"spec": None}, {"spec": {}}, {"spec": {"taints": None}}])
 def test_a_node_without_taints_has_none(node: dict[str, Any] | None) -> None:
     assert read_taints(node) == ()
