@@ -295,7 +295,7 @@ def decide(
     storage resolves to now, None when the shell did not look in this step (it looks before every
     definition and start, and only then: a stop never waits on a file system). refusals are what the
     node does not allow of the spec (storage, networks, sizes); node_memory is the node's committed
-        memory, looked at before a start and before the first definition of a VM to run. failure is the last
+    memory, looked at before a start and before the first definition of a VM to run. failure is the last
     action that failed, if it has not succeeded since. turn is what the node's maintenance asks of this VM
     (see controller.maintenance).
     """
@@ -546,7 +546,7 @@ def _maintenance(d: _Decision, spec: VirtualMachineSpec, domain: Domain, turn: T
         case TurnKind.START_LATER:
             d.ready = ("False", "WaitingToStart", f"the node's taint {held_by} is gone: {turn.why}")
         case TurnKind.UNKNOWN:
-            # Not even a VM no taint held: the node may have been tainted while the operator was away.
+            # Held or not: the node may have been tainted while the operator was away.
             d.ready = ("False", "HeldByTaint" if held_by else "WaitingToStart", turn.why)
         case _:
             return None
