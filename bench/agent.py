@@ -27,7 +27,7 @@ from typing import Any
 import libvirt
 
 from bench.bed import Bed, parallel
-from bench.shutdown import _SETTLE_SECONDS, _chunks, _end_section, domain_name, sigterm_time
+from bench.shutdown import SETTLE_SECONDS, chunks, domain_name, end_section, sigterm_time
 from bench.stats import summary
 from controller.settings import parser as operator_flags
 from testbed.vmop import parse_time, vm_manifest
@@ -69,7 +69,7 @@ def _boot_agent_guests(
         def create(name: str) -> None:
             vms.create(vm_manifest(name, node_name=node, libvirt=bed.libvirt, kind="coop", **specs[name]))
 
-        for chunk in _chunks(list(specs), batch):
+        for chunk in chunks(list(specs), batch):
             parallel(create, chunk)
             vm_watch.wait_all(chunk, "Running", timeout=120)
             for name in chunk:
@@ -189,7 +189,7 @@ def _neighbours(
         vm_watch.wait_all(names, "Running", timeout=60)
     finally:
         vm_watch.stop()
-    time.sleep(_SETTLE_SECONDS)
+    time.sleep(SETTLE_SECONDS)
     since = time.time()
     for i, name in enumerate(names):
         time.sleep(max(0.0, since + i * spacing - time.time()))
@@ -260,7 +260,7 @@ def neighbour_force(bed: Bed, namespace: str, node: str, *, hung: int, count: in
         node,
         {n: {"agent": "hung", "ignore_presses": 1000, "shutdown_policy": policy} for n in names},
     )
-    time.sleep(_SETTLE_SECONDS)
+    time.sleep(SETTLE_SECONDS)
     results["idle"], _ = _neighbours(bed, namespace, node, "idle", count=count, grace=grace, spacing=spacing)
     print(f"  neighbour force, {hung} hung-agent guests running, not asked: {results['idle']}", flush=True)
 
@@ -324,7 +324,7 @@ def agent_costs(bed: Bed, hung: int, neighbours: int, neighbour_grace: int) -> d
             },
             batch=4,
         )
-        time.sleep(_SETTLE_SECONDS)
+        time.sleep(SETTLE_SECONDS)
         results["vmop"] = vmop_stop(bed, namespace, "vmop-hung", agent_timeout)
         results["libvirt_default"] = libvirt_call(
             bed, namespace, "default-hung", flags=libvirt.VIR_DOMAIN_SHUTDOWN_DEFAULT, cap=CALL_CAP_SECONDS, calls=calls
@@ -349,6 +349,6 @@ def agent_costs(bed: Bed, hung: int, neighbours: int, neighbour_grace: int) -> d
         return results
     finally:
         operator.stop()
-        _end_section(bed, namespace)
+        end_section(bed, namespace)
         for call in calls:
             call.close()

@@ -150,26 +150,35 @@ def cpu_seconds(pid: int) -> float:
 
 
 class LifecycleListener:
-    """Lifecycle events of every domain on the bed's daemon, stamped with time.time() on arrival."""
+    """Lifecycle events of every domain on the bed's daemon (stops and starts), stamped with time.time() on
+    arrival."""
 
     def __init__(self, uri: str) -> None:
         start_libvirt_event_loop()
         self._lock = threading.Lock()
         self._stops: dict[str, list[float]] = {}
+        self._starts: dict[str, list[float]] = {}
         self._conn = libvirt.open(uri)
         self._callback = self._conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None
         )
 
     def _event(self, _conn: Any, domain: Any, event: int, _detail: int, _opaque: Any) -> None:
-        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        times = {libvirt.VIR_DOMAIN_EVENT_STOPPED: self._stops, libvirt.VIR_DOMAIN_EVENT_STARTED: self._starts}.get(
+            event
+        )
+        if times is not None:
             now = time.time()
             with self._lock:
-                self._stops.setdefault(domain.name(), []).append(now)
+                times.setdefault(domain.name(), []).append(now)
 
     def stopped_after(self, domain: str, since: float) -> float | None:
         with self._lock:
             return next((t for t in self._stops.get(domain, []) if t >= since), None)
+
+    def started_after(self, domain: str, since: float) -> float | None:
+        with self._lock:
+            return next((t for t in self._starts.get(domain, []) if t >= since), None)
 
     def wait_stopped(self, domains: Iterable[str], since: float, timeout: float) -> dict[str, float]:
         """The stop time of each domain that stopped within the timeout (a missing key: still running)."""

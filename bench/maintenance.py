@@ -14,62 +14,30 @@ from the moment it sent the patch:
 * the order: a group's first request before the previous group's last stop is a violation.
 
 Then it removes the taint and measures the way back: from the untaint to every VM `Running` (the watch),
-per group (highest first) the first status.startedAt to the last start libvirt reported (a listener of
-this module's own, for STARTED events), the gaps between groups, and the order. The Node's Events and the
+per group (highest first) the first status.startedAt to the last start libvirt reported (the bed's
+lifecycle listener), the gaps between groups, and the order. The Node's Events and the
 operator's `vmop_virtual_machines_held_by_taint` gauge are read too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import kubernetes
-import libvirt
 
 from bench.bed import Bed, parallel
-from bench.shutdown import _SETTLE_SECONDS, _chunks, _end_section, domain_name
+from bench.shutdown import SETTLE_SECONDS, domain_name, end_section, start_vms
 from bench.stats import summary
-from controller.hypervisor import start_libvirt_event_loop
-from testbed.vmop import condition, parse_time, vm_manifest
+from testbed.vmop import condition, parse_time
 from testbed.wait import wait_until
 
 TAINT_KEY = "vmop.dev/maintenance"
 TAINT_NAME = f"{TAINT_KEY}:NoExecute"
 PRIORITY_STEP = 10
-
-
-class StartListener:
-    """libvirt STARTED events of every domain on the bed's daemon, stamped with time.time() on arrival
-    (the bed's own listener records only stops)."""
-
-    def __init__(self, uri: str) -> None:
-        start_libvirt_event_loop()
-        self._lock = threading.Lock()
-        self._starts: dict[str, list[float]] = {}
-        self._conn = libvirt.open(uri)
-        self._callback = self._conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None
-        )
-
-    def _event(self, _conn: Any, domain: Any, event: int, _detail: int, _opaque: Any) -> None:
-        if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
-            now = time.time()
-            with self._lock:
-                self._starts.setdefault(domain.name(), []).append(now)
-
-    def started_after(self, domain: str, since: float) -> float | None:
-        with self._lock:
-            return next((t for t in self._starts.get(domain, []) if t >= since), None)
-
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self._conn.domainEventDeregisterAny(self._callback)
-            self._conn.close()
 
 
 def _ts(value: str | None) -> float | None:
@@ -78,33 +46,6 @@ def _ts(value: str | None) -> float | None:
 
 def _r(value: float | None, digits: int = 3) -> float | None:
     return round(value, digits) if value is not None else None
-
-
-def _create_all(bed: Bed, namespace: str, node: str, groups: list[dict[str, str]], grace: int) -> None:
-    """Every VM with its group's priority; firmware guests all at once, cooperative ones 3 at a time, each
-    waited for until acpid listens (or its first ACPI press would be lost)."""
-    vms = bed.vms(namespace)
-    policy = {"gracePeriodSeconds": grace, "retryIntervalSeconds": 1}
-    priorities = {name: PRIORITY_STEP * g for g, kinds in enumerate(groups) for name in kinds}
-    kinds = {name: kind for group in groups for name, kind in group.items()}
-
-    def create(name: str) -> None:
-        manifest = vm_manifest(name, node_name=node, libvirt=bed.libvirt, kind=kinds[name], shutdown_policy=policy)
-        manifest["spec"]["priority"] = priorities[name]
-        vms.create(manifest)
-
-    vm_watch = bed.watch(namespace)
-    try:
-        firmware = [n for n, k in kinds.items() if k != "coop"]
-        parallel(create, firmware)
-        vm_watch.wait_all(firmware, "Running", timeout=60 + 2 * len(firmware))
-        for batch in _chunks([n for n, k in kinds.items() if k == "coop"], 3):
-            parallel(create, batch)
-            vm_watch.wait_all(batch, "Running", timeout=120)
-            for name in batch:
-                bed.libvirt.wait_guest_ready(domain_name(namespace, name), timeout=120)
-    finally:
-        vm_watch.stop()
 
 
 def _taints(bed: Bed, node: str) -> list[Any]:
@@ -238,7 +179,7 @@ def _stopping(
 
 
 def _starting(
-    bed: Bed, namespace: str, groups: list[list[str]], *, since: float, seen: dict[str, float], started: StartListener
+    bed: Bed, namespace: str, groups: list[list[str]], *, since: float, seen: dict[str, float]
 ) -> dict[str, Any]:
     """After the untaint: the order of the starts, highest priority first, from statuses and libvirt."""
     names = [n for group in groups for n in group]
@@ -250,7 +191,7 @@ def _starting(
         group = groups[g]
         decided = [t for n in group if (t := _ts((bodies[n].get("status") or {}).get("startedAt"))) is not None]
         libvirt_starts = [
-            t for n in group if (t := started.started_after(domain_name(namespace, n), since)) is not None
+            t for n in group if (t := bed.listener.started_after(domain_name(namespace, n), since)) is not None
         ]
         running = [seen[n] for n in group if n in seen]
         first = min(decided)
@@ -293,7 +234,6 @@ def node_maintenance(bed: Bed, group_count: int, per_group: int, coop_per_group:
     ]
     groups = [list(k) for k in kinds]
     names = [n for group in groups for n in group]
-    started = StartListener(bed.libvirt.uri)
     tainted = False
     result: dict[str, Any] = {
         "groups": group_count,
@@ -305,8 +245,17 @@ def node_maintenance(bed: Bed, group_count: int, per_group: int, coop_per_group:
         "taint": TAINT_NAME,
     }
     try:
-        _create_all(bed, namespace, node, kinds, grace)
-        time.sleep(_SETTLE_SECONDS)
+        # Firmware guests all at once, cooperative ones 3 at a time, each once acpid listens.
+        start_vms(
+            bed,
+            namespace,
+            node=node,
+            kinds={name: kind for group in kinds for name, kind in group.items()},
+            policy={"gracePeriodSeconds": grace, "retryIntervalSeconds": 1},
+            watch_timeout=60 + 2 * len(names),
+            priorities={name: PRIORITY_STEP * g for g, group in enumerate(groups) for name in group},
+        )
+        time.sleep(SETTLE_SECONDS)
 
         # ---- taint: every VM stops, lowest priority group first
         tainted = True
@@ -337,16 +286,15 @@ def node_maintenance(bed: Bed, group_count: int, per_group: int, coop_per_group:
             interval=0.5,
         )
         _wait_node_event(bed, node, back, "MaintenanceEnded", timeout=30)
-        start = _starting(bed, namespace, groups, since=back, seen=seen, started=started)
+        start = _starting(bed, namespace, groups, since=back, seen=seen)
         start["held_by_taint_gauge"] = operator.metric("vmop_virtual_machines_held_by_taint")
         result["start"] = start
         print(f"  maintenance start: {start}", flush=True)
         result["node_events"] = [{**e, "at": _r(e["at"] - since)} for e in _node_events(bed, node, since)]
         return result
     finally:
-        started.close()
         if tainted:
             with contextlib.suppress(kubernetes.client.ApiException):
                 _set_taint(bed, node, present=False)
         operator.stop()
-        _end_section(bed, namespace)
+        end_section(bed, namespace)

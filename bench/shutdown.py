@@ -18,7 +18,7 @@ from testbed.vmop import parse_time, vm_manifest
 
 # Guest QEMU processes starting up compete with the operator for the 2 cores; a stop measured while
 # they still boot would measure the boot.
-_SETTLE_SECONDS = 2.0
+SETTLE_SECONDS = 2.0
 
 
 def domain_name(namespace: str, name: str) -> str:
@@ -40,11 +40,11 @@ def sigterm_time(bed: Bed, domain: str, since: float) -> float | None:
     return next((t for t in times if t >= since), None)
 
 
-def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+def chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _start_vms(
+def start_vms(
     bed: Bed,
     namespace: str,
     *,
@@ -53,6 +53,7 @@ def _start_vms(
     policy: dict[str, Any],
     watch_timeout: float,
     coop_batch: int = 3,
+    priorities: dict[str, int] | None = None,
 ) -> None:
     """Create the VMs through vmop and wait until each runs; cooperative guests boot a few at a time (each
     boot costs ~5 CPU-seconds under TCG) and count only once acpid listens, or the first ACPI press is lost."""
@@ -61,12 +62,21 @@ def _start_vms(
     try:
 
         def create(name: str) -> None:
-            vms.create(vm_manifest(name, node_name=node, libvirt=bed.libvirt, kind=kinds[name], shutdown_policy=policy))
+            vms.create(
+                vm_manifest(
+                    name,
+                    node_name=node,
+                    libvirt=bed.libvirt,
+                    kind=kinds[name],
+                    shutdown_policy=policy,
+                    priority=(priorities or {}).get(name),
+                )
+            )
 
         firmware = [n for n, k in kinds.items() if k != "coop"]
         parallel(create, firmware)
         vm_watch.wait_all(firmware, "Running", timeout=watch_timeout)
-        for batch in _chunks([n for n, k in kinds.items() if k == "coop"], coop_batch):
+        for batch in chunks([n for n, k in kinds.items() if k == "coop"], coop_batch):
             parallel(create, batch)
             vm_watch.wait_all(batch, "Running", timeout=watch_timeout)
             for name in batch:
@@ -83,7 +93,7 @@ def _stop_all(bed: Bed, namespace: str, names: Sequence[str]) -> float:
     return since
 
 
-def _end_section(bed: Bed, namespace: str) -> None:
+def end_section(bed: Bed, namespace: str) -> None:
     bed.purge(namespace)
     bed.remove_domains(f"{namespace}_")
 
@@ -99,7 +109,7 @@ def deadline_overshoot(bed: Bed, sizes: Sequence[int], grace: int, retry: int) -
     try:
         for n in sizes:
             names = [f"fw{n}-{i:02d}" for i in range(n)]
-            _start_vms(
+            start_vms(
                 bed,
                 namespace,
                 node=node,
@@ -107,7 +117,7 @@ def deadline_overshoot(bed: Bed, sizes: Sequence[int], grace: int, retry: int) -
                 policy=policy,
                 watch_timeout=60 + 2 * n,
             )
-            time.sleep(_SETTLE_SECONDS)
+            time.sleep(SETTLE_SECONDS)
             vm_watch = bed.watch(namespace)
             since = _stop_all(bed, namespace, names)
             stops = bed.listener.wait_stopped([domain_name(namespace, x) for x in names], since, grace + 30)
@@ -141,7 +151,7 @@ def deadline_overshoot(bed: Bed, sizes: Sequence[int], grace: int, retry: int) -
             print(f"  deadline N={n}: {results[str(n)]}", flush=True)
     finally:
         operator.stop()
-        _end_section(bed, namespace)
+        end_section(bed, namespace)
     return results
 
 
@@ -152,7 +162,7 @@ def graceful_detection(bed: Bed, count: int) -> dict[str, Any]:
     operator = bed.operator(node)
     names = [f"coop-{i:02d}" for i in range(count)]
     try:
-        _start_vms(
+        start_vms(
             bed,
             namespace,
             node=node,
@@ -160,7 +170,7 @@ def graceful_detection(bed: Bed, count: int) -> dict[str, Any]:
             policy={"gracePeriodSeconds": 60, "retryIntervalSeconds": 5},
             watch_timeout=120,
         )
-        time.sleep(_SETTLE_SECONDS)
+        time.sleep(SETTLE_SECONDS)
         vm_watch = bed.watch(namespace)
         since = _stop_all(bed, namespace, names)
         stops = bed.listener.wait_stopped([domain_name(namespace, n) for n in names], since, 60)
@@ -196,7 +206,7 @@ def graceful_detection(bed: Bed, count: int) -> dict[str, Any]:
         return result
     finally:
         operator.stop()
-        _end_section(bed, namespace)
+        end_section(bed, namespace)
 
 
 def parallel_vmop(bed: Bed, coop: int, stubborn: int, grace: int) -> dict[str, Any]:
@@ -207,7 +217,7 @@ def parallel_vmop(bed: Bed, coop: int, stubborn: int, grace: int) -> dict[str, A
     kinds = {f"coop-{i:02d}": "coop" for i in range(coop)} | {f"fw-{i:02d}": "firmware" for i in range(stubborn)}
     names = list(kinds)
     try:
-        _start_vms(
+        start_vms(
             bed,
             namespace,
             node=node,
@@ -216,7 +226,7 @@ def parallel_vmop(bed: Bed, coop: int, stubborn: int, grace: int) -> dict[str, A
             watch_timeout=120,
             coop_batch=4,
         )
-        time.sleep(_SETTLE_SECONDS)
+        time.sleep(SETTLE_SECONDS)
         since = _stop_all(bed, namespace, names)
         stops = bed.listener.wait_stopped([domain_name(namespace, n) for n in names], since, grace + 60)
         result = {
@@ -227,4 +237,4 @@ def parallel_vmop(bed: Bed, coop: int, stubborn: int, grace: int) -> dict[str, A
         return result
     finally:
         operator.stop()
-        _end_section(bed, namespace)
+        end_section(bed, namespace)
