@@ -397,7 +397,13 @@ class VirtualMachineSpec(_Model):
 
 
 class Condition(_Model):
-    type: str = Field(description="Ready: the VM is in its desired power state. Synced: the last reconcile succeeded.")
+    type: str = Field(
+        description=(
+            "Ready: the VM is in its desired power state. Synced: the last reconcile succeeded. Reconciling "
+            "(present only while true): the VM moves toward its desired state. Stalled (present only while "
+            "true): it cannot get there until a person acts."
+        )
+    )
     status: str = Field(description="True, False or Unknown.")
     reason: str = Field(description="A CamelCase word a program can act on.")
     message: str = Field("", description="What a person needs to know.")
@@ -495,7 +501,10 @@ class VirtualMachineStatus(_Model):
         Field(
             default_factory=list,
             json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-            description="Ready, Synced and ShutdownOverdue, following the Kubernetes API conventions.",
+            description=(
+                "Ready, Synced, ShutdownOverdue and AgentConnected, following the Kubernetes API conventions; "
+                "Reconciling and Stalled, present only while true, as GitOps tools (kstatus) read them."
+            ),
         ),
     ]
 

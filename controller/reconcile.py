@@ -263,6 +263,21 @@ class _Decision:
                 now=self.now,
                 generation=generation,
             )
+        reconciling, stalled = _progress(self.ready, self.synced)
+        for type_, why in (("Reconciling", reconciling), ("Stalled", stalled)):
+            if why is None:
+                # Abnormal-true conditions are absent when false, as GitOps tools (kstatus) expect.
+                conditions = [c for c in conditions if c.type != type_]
+                continue
+            conditions = set_condition(
+                conditions,
+                type_=type_,
+                status="True",
+                reason=why[0],
+                message=why[1],
+                now=self.now,
+                generation=generation,
+            )
         status = self.status.model_copy(update={"conditions": conditions})
         if self.synced[0] == "True" and action is None:
             # Acted on means settled: an action still to take may yet fail, and then this generation is not.
@@ -274,6 +289,44 @@ class _Decision:
             wake_at=min(wake_at, resync_at) if wake_at else resync_at,
             shutdown_mark=self.mark,
         )
+
+
+STALLED_REASONS = frozenset(
+    {
+        "InvalidSpec",
+        "DomainConflict",
+        "DefinitionRefused",
+        nodepolicy.STORAGE_NOT_ALLOWED,
+        nodepolicy.NETWORK_NOT_ALLOWED,
+        nodepolicy.OVER_VM_LIMITS,
+        "CrashLoopBackOff",
+        "PausedOnIOError",
+        "ShutdownOverdue",
+    }
+    | {f"Stopped{outcome.value}" for outcome in _UNASKED_OUTCOMES}  # left off by restartPolicy
+)
+"""Reasons that no waiting cures: a person must change the spec, the node's policy or the guest's disk.
+
+NodeMemoryFull is not among them (the VM starts by itself once another stops), nor is a failed action
+(it is retried with backoff)."""
+
+
+def _progress(
+    ready: tuple[str, str, str], synced: tuple[str, str, str]
+) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """The Reconciling and Stalled conditions (reason, message), None where absent.
+
+    GitOps tools read these two, not Ready: kstatus (Flux's health check, `kubectl wait` scripts built on
+    it) says InProgress while Reconciling is true and Failed while Stalled is, and otherwise compares
+    observedGeneration with the generation. Both derive from Ready and Synced so that they never disagree.
+    """
+    for condition_status, reason, message in (synced, ready):
+        if condition_status != "True" and reason in STALLED_REASONS:
+            return None, (reason, message)
+    for condition_status, reason, message in (ready, synced):
+        if condition_status != "True":
+            return (reason, message), None
+    return None, None
 
 
 def decide(

@@ -394,6 +394,70 @@ def test_idempotent_once_the_status_is_written(scenario: Callable[[], World]) ->
     assert_fixed_point(scenario())
 
 
+def progress(status: VirtualMachineStatus) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    return cond(status, "Reconciling"), cond(status, "Stalled")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        (_scenario_running, (None, None)),
+        (_scenario_stopped, (None, None)),
+        (_scenario_paused, (None, None)),
+        (_scenario_waiting, (("True", "ShuttingDown"), None)),
+        (_scenario_held, (None, ("True", "StoppedGuestInitiated"))),  # left off by restartPolicy Never
+        (_scenario_overdue, (None, ("True", "ShutdownOverdue"))),
+        (_scenario_conflict, (None, ("True", "DomainConflict"))),
+        (_scenario_storage, (None, ("True", "StorageNotAllowed"))),
+        (_scenario_invalid, (None, ("True", "InvalidSpec"))),
+    ],
+)
+def test_reconciling_and_stalled_are_present_only_while_true(
+    scenario: Callable[[], World], expected: tuple[tuple[str, str] | None, tuple[str, str] | None]
+) -> None:
+    """What kstatus (Flux's health check) reads: InProgress while Reconciling, Failed while Stalled."""
+    assert progress(scenario().status) == expected
+
+
+def test_reconciling_follows_a_start_and_a_stop_and_goes_when_they_are_done() -> None:
+    w = World(make_vm())
+    seen = []
+    for _ in range(10):
+        plan = w.step()
+        seen.append(progress(plan.status))
+        if plan.action is None:
+            break
+    assert seen[0] == (("True", "Initializing"), None)
+    assert (("True", "Starting"), None) in seen
+    assert seen[-1] == (None, None)
+    w.edit(power_state=STOPPED)
+    assert progress(w.step().status) == (("True", "ShuttingDown"), None)
+    w.stops(StopCause.SHUTDOWN)
+    w.settle()
+    assert progress(w.status) == (None, None)
+
+
+def test_a_running_vm_whose_new_spec_the_node_refuses_is_stalled_though_ready() -> None:
+    w = running()
+    w.refusals = (Refusal("NetworkNotAllowed", "bridge br9 is not allowed on this node"),)
+    w.edit(power_state=RUNNING, restart_policy=RestartPolicy.NEVER)
+    w.settle()
+    assert cond(w.status, "Ready") == ("True", "Running")
+    assert progress(w.status) == (None, ("True", "NetworkNotAllowed"))
+    w.refusals = ()
+    w.settle()
+    assert progress(w.status) == (None, None)
+
+
+def test_waiting_for_node_memory_is_reconciling_not_stalled() -> None:
+    """The VM starts by itself once memory frees up: no person needs to act."""
+    w = World(make_vm(has_finalizer=True), node_memory=NodeMemory(committed_mib=0, ceiling_mib=32))
+    w.settle()
+    reconciling, stalled = progress(w.status)
+    assert reconciling == ("True", "NodeMemoryFull")
+    assert stalled is None
+
+
 def test_deciding_twice_on_the_same_inputs_gives_the_same_plan() -> None:
     w = World(make_vm(has_finalizer=True))
     assert w.decide() == w.decide()
