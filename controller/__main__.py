@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import kopf
+from aiohttp import web
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
@@ -63,7 +64,12 @@ async def run(settings: Settings, configuration: client.Configuration) -> None:
         logging.getLogger("vmop").info(
             "another operator holds %s for node %s: waiting as a standby", settings.node_lock_file, settings.node_name
         )
-        await lock.acquire()
+        health = await _standby_health(settings.health_port) if settings.health_port else None
+        try:
+            await lock.acquire()
+        finally:
+            if health is not None:
+                await health.cleanup()  # kopf's own endpoint takes the port from here
     metrics.node_lock_held.set(1)
     logging.getLogger("vmop").info("holding %s: acting for node %s", settings.node_lock_file, settings.node_name)
     clock = Clock()
@@ -96,6 +102,25 @@ async def run(settings: Settings, configuration: client.Configuration) -> None:
         )
     finally:
         lock.release()
+
+
+async def _standby_health(port: int) -> web.AppRunner:
+    """Answer the kubelet's probes while waiting for the lock.
+
+    A DaemonSet rolled out with maxSurge deletes the old pod only once the new one is Ready: a standby
+    that answered nothing would never be Ready, so the old pod would never go, and its liveness probe
+    would restart it over and over. Waiting is healthy; the lock keeps it from acting.
+    """
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="standby: waiting for the node lock\n")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -803,6 +803,7 @@ class Operator:
             # Nothing acts any more: a standby may take over now, not after the Events below are drained.
             self.node_lock.release()
             self.metrics.node_lock_held.set(0)
+            logger.info("released %s: no longer acting for node %s", self.node_lock.path, self.settings.node_name)
         await self.hypervisor.close()
         await self.events.close()
 

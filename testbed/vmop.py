@@ -131,7 +131,7 @@ class OperatorProcess:
             )
             return self
         wait_until(
-            self._healthy,
+            self.healthy,
             timeout=timeout,
             message=lambda: f"the operator did not become healthy; its log ends:\n{self.log_tail()}",
         )
@@ -154,7 +154,8 @@ class OperatorProcess:
         """It holds the node's lock (and so it is the one copy that acts for the node)."""
         return self._lock_held() == 1
 
-    def _healthy(self) -> bool:
+    def healthy(self) -> bool:
+        """Its /healthz answers 200 (a standby answers too); it fails if the process exited."""
         self._alive()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:

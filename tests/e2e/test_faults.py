@@ -196,6 +196,8 @@ def test_two_operators_for_one_node_one_acts_and_hands_over_without_losing_the_d
     deadline = start_stop(vmop, "shared", grace=24, retry=2)
     assert first.acting
     assert not second.acting
+    # A standby answers the kubelet's probes, or a DaemonSet rolled out with maxSurge would never go on.
+    assert second.healthy()
     time.sleep(3)
 
     sent = time.monotonic()
