@@ -8,8 +8,12 @@ cd "$root"
 export DEBIAN_FRONTEND=noninteractive
 
 # libvirt-daemon-system is deliberately absent: it pulls in systemd-sysv, which would replace init.
+# The node of the bed (testbed/node.py): Debian's containerd, runc and CNI plugins, and nftables for
+# kube-proxy's nftables mode. The operator's image (testbed/image.py): buildah, and mmdebstrap for the
+# Debian base image no registry can give us here. promtool (package prometheus) checks the alert rules.
 debs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config
-      gcc python3-venv python3-dev busybox-static cpio gzip openssl iproute2 lua5.1)
+      gcc python3-venv python3-dev busybox-static cpio gzip openssl iproute2 lua5.1
+      containerd runc containernetworking-plugins nftables conntrack buildah mmdebstrap prometheus)
 missing=()
 for deb in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")

@@ -115,8 +115,9 @@ def _alive(pid: int) -> bool:
 class LibvirtHost:
     """One running session libvirtd and the paths its guests use; create it with `LibvirtHost.start()`."""
 
-    def __init__(self, workdir: Path, images: GuestImages) -> None:
+    def __init__(self, workdir: Path, images: GuestImages, *, socket_perms: int = 0o700) -> None:
         self.workdir = workdir
+        self.socket_perms = socket_perms
         self.storage_dir = workdir / "storage"
         self.console_dir = workdir / "console"
         self.log_dir = workdir / "logs"
@@ -139,11 +140,12 @@ class LibvirtHost:
     # ---- lifecycle
 
     @classmethod
-    def start(cls, workdir: Path | None = None) -> LibvirtHost:
+    def start(cls, workdir: Path | None = None, *, socket_perms: int = 0o700) -> LibvirtHost:
         """Start a daemon in workdir (a fresh directory under /var/tmp by default) and probe KVM.
 
         The work directory belongs to the host from then on: stop() removes it. /var/tmp rather than the
-        cache because root's home is 0700 and the daemon runs as another user.
+        cache because root's home is 0700 and the daemon runs as another user. socket_perms are the
+        client socket's: 0o777 for an operator in a pod, whose root has no capabilities.
         """
         missing = missing_prerequisites()
         if missing:
@@ -153,7 +155,7 @@ class LibvirtHost:
             workdir = Path(tempfile.mkdtemp(prefix="vl-", dir="/var/tmp"))
         if len(str(workdir)) > _MAX_WORKDIR_LEN:
             raise LibvirtHostError(f"work directory {workdir} is too long for QEMU's monitor socket path")
-        host = cls(workdir, images)
+        host = cls(workdir, images, socket_perms=socket_perms)
         try:
             host._prepare()
             host._launch()
@@ -190,7 +192,9 @@ class LibvirtHost:
             os.chown(directory, user.pw_uid, user.pw_gid)
         config = self._config_home / "libvirt"
         template = Template((CONFIG_DIR / "libvirtd.conf.in").read_text())
-        (config / "libvirtd.conf").write_text(template.substitute(log_file=self.daemon_log))
+        (config / "libvirtd.conf").write_text(
+            template.substitute(log_file=self.daemon_log, socket_perms=f"{self.socket_perms:04o}")
+        )
         shutil.copyfile(CONFIG_DIR / "qemu.conf", config / "qemu.conf")
         for source, target in zip(
             (self._source_images.kernel, self._source_images.coop_initrd, self._source_images.stubborn_initrd),
