@@ -50,6 +50,11 @@ class Metrics:
             "1 while this operator holds its node's lock and acts; 0 while it waits as a standby.",
             registry=self.registry,
         )
+        self.shutdowns_overdue = Gauge(
+            "vmop_virtual_machines_shutdown_overdue",
+            "VirtualMachines of this node past their shutdown deadline and not forced (ShutdownOverdue=True).",
+            registry=self.registry,
+        )
         self.held_by_taint = Gauge(
             "vmop_virtual_machines_held_by_taint",
             "VirtualMachines of this node that a NoExecute taint stops or keeps off (status.heldByTaint).",

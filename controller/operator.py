@@ -322,7 +322,7 @@ class VmWorker:
         self._force_deadline = mark.deadline if mark is not None and mark.force else None
         if observed is not None and observed.owner_uid == vm.uid and observed.state is not DomainState.STOPPED:
             await self._keep_mark(plan, observed)
-        op.power_state_seen(self.key, plan.status.power_state)
+        op.status_seen(self.key, plan.status)
         if plan.action is None:
             self._report(vm.status, plan)
             self._last_action = None
@@ -601,6 +601,7 @@ class Operator:
         self.workers: dict[Key, VmWorker] = {}
         self._by_domain: dict[str, VmWorker] = {}
         self._power_states: dict[Key, ObservedPowerState] = {}
+        self._overdue: set[Key] = set()  # VMs whose ShutdownOverdue condition is True
         self._tasks: list[asyncio.Task[None]] = []
         # The node's maintenance: its Node as last read (None: none exists), its NoExecute taints (None
         # until the Node has been read once), when each taint without timeAdded was first seen, the plan.
@@ -767,6 +768,8 @@ class Operator:
         self.maintenance_changed()
         self._power_states.pop(worker.key, None)
         self.metrics.power_states(Counter(self._power_states.values()))
+        self._overdue.discard(worker.key)
+        self.metrics.shutdowns_overdue.set(len(self._overdue))
 
     def domain_event(self, name: str) -> None:
         worker = self._by_domain.get(name)
@@ -783,11 +786,20 @@ class Operator:
         if new.shutdown is not None and new.shutdown.outcome is not None and old.shutdown != new.shutdown:
             self.metrics.stop_finished(new.shutdown)
 
-    def power_state_seen(self, key: Key, state: ObservedPowerState) -> None:
+    def status_seen(self, key: Key, status: VirtualMachineStatus) -> None:
         """Counted on every reconcile, not only on status writes: after an operator restart nothing is written."""
+        state = status.power_state
         if self._power_states.get(key) != state:
             self._power_states[key] = state
             self.metrics.power_states(Counter(self._power_states.values()))
+        overdue = status.condition("ShutdownOverdue")
+        if overdue is not None and overdue.status == "True":
+            if key not in self._overdue:
+                self._overdue.add(key)
+                self.metrics.shutdowns_overdue.set(len(self._overdue))
+        elif key in self._overdue:
+            self._overdue.discard(key)
+            self.metrics.shutdowns_overdue.set(len(self._overdue))
 
     async def stop(self) -> None:
         """Stop the workers and drop the libvirt connection; every guest is left exactly as it is."""

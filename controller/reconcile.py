@@ -109,8 +109,9 @@ class Action:
 class Failure:
     """An action the shell took and libvirt or the API server refused.
 
-    The decision reports it (Synced False, observedGeneration held back) for as long as the same action is
-    still what the VM needs, and takes that action again only at retry_at. A refused definition does not
+    The decision reports it (Synced False, observedGeneration held back unless the refusal is one that
+    stalls the VM, as a refused definition does) for as long as the same action is still what the VM
+    needs, and takes that action again only at retry_at. A refused definition does not
     stop anything else: power transitions go on with the domain as it is defined.
     """
 
@@ -279,8 +280,10 @@ class _Decision:
                 generation=generation,
             )
         status = self.status.model_copy(update={"conditions": conditions})
-        if self.synced[0] == "True" and action is None:
+        if (self.synced[0] == "True" and action is None) or stalled is not None:
             # Acted on means settled: an action still to take may yet fail, and then this generation is not.
+            # A stalled generation is settled too, as refused: kstatus reads a generation ahead of
+            # observedGeneration as InProgress before it reads Stalled, so a refused edit would never fail.
             status = status.model_copy(update={"observed_generation": generation})
         return Plan(
             status=status,

@@ -119,7 +119,7 @@ def test_mode_force_turns_the_vm_off_at_once(vmop: Vmop) -> None:
 
 
 def test_never_forcing_reports_overdue_until_mode_force(vmop: Vmop) -> None:
-    vmop.start_operator()
+    operator = vmop.start_operator()
     vmop.create(
         "precious",
         kind="stubborn",
@@ -145,11 +145,13 @@ def test_never_forcing_reports_overdue_until_mode_force(vmop: Vmop) -> None:
     assert body is not None
     assert body["status"]["shutdown"]["attempts"] > attempts_when_overdue, "requests go on after the deadline"
     assert vmop.vms.wait_events("precious", "ShutdownOverdue").count("ShutdownOverdue") == 1
+    assert operator.metric("vmop_virtual_machines_shutdown_overdue") == 1, "what the VmopShutdownOverdue alert reads"
 
     vmop.vms.patch("precious", {"spec": {"shutdownPolicy": {"mode": "Force"}}})
     body = vmop.vms.wait("precious", stopped, timeout=30, what="the stop after switching to Force")
     assert body["status"]["shutdown"]["outcome"] == "Forced"
     assert condition(body, "ShutdownOverdue")["status"] == "False"
+    assert operator.metric("vmop_virtual_machines_shutdown_overdue") == 0
 
 
 def test_agent_method_without_an_agent_falls_back_to_acpi_at_once(vmop: Vmop) -> None:
