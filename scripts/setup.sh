@@ -41,5 +41,6 @@ if [ ! -f "$stamp" ]; then
 fi
 
 testbed/controlplane/build.sh >/dev/null
+testbed/kstatus/build.sh >/dev/null
 .venv/bin/python -m testbed.guests >/dev/null
 echo "setup: ready"
