@@ -1,10 +1,15 @@
 """A real etcd + kube-apiserver on loopback, built from the pinned Go modules, for tests and for people.
 
-Only etcd and kube-apiserver run: there is no kube-controller-manager, scheduler or kubelet. Finalizers,
-status subresources, CEL validation, RBAC, TokenRequest and server-side dry-run behave as in a cluster,
-but nothing garbage-collects and no namespace controller exists, so a deleted namespace stays Terminating
-forever and owner references never cascade. Tests must therefore never wait for a namespace to go away:
-they use a fresh namespace each and leave it behind; the whole etcd is thrown away at stop().
+By default only etcd and kube-apiserver run: there is no kube-controller-manager, scheduler or kubelet.
+Finalizers, status subresources, CEL validation, RBAC, TokenRequest and server-side dry-run behave as in a
+cluster, but nothing garbage-collects and no namespace controller exists, so a deleted namespace stays
+Terminating forever and owner references never cascade. Tests must therefore never wait for a namespace to
+go away: they use a fresh namespace each and leave it behind; the whole etcd is thrown away at stop().
+
+With cluster=True the same control plane is made ready for real nodes (testbed/node.py): the scheduler and
+the controller-manager run too (see testbed/controllers.py), Pods get their ServiceAccount token, and the API
+server can reach kubelets for logs and exec. An address= other than loopback makes it serve where pods can
+reach it, which the "kubernetes" Service then points at.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from kubernetes.client import (
     V1TokenRequestSpec,
 )
 
+from testbed import controllers
 from testbed.processes import free_ports, tail, tail_file, terminate
 from testbed.wait import WaitTimeout, wait_until
 
@@ -132,7 +138,7 @@ def _all_threads_stopped(pid: int) -> bool:
 class _Pki:
     """Short-lived keys and certificates generated per bed, so nothing secret is ever checked in or shared."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, address: str) -> None:
         self.dir = directory
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         now = datetime.datetime.now(datetime.UTC)
@@ -174,8 +180,10 @@ class _Pki:
                     x509.DNSName("kubernetes.default"),
                     x509.DNSName("kubernetes.default.svc"),
                     x509.DNSName("kubernetes.default.svc.cluster.local"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address(KUBERNETES_SERVICE_IP)),
+                    *(
+                        x509.IPAddress(ipaddress.ip_address(ip))
+                        for ip in dict.fromkeys(("127.0.0.1", KUBERNETES_SERVICE_IP, address))
+                    ),
                 ]
             ),
         )
@@ -183,16 +191,7 @@ class _Pki:
         self.serving_key_file = self._write("serving.key", self.serving_key)
 
         # Group system:masters is what makes this identity cluster-admin without any RBAC object.
-        self.admin_cert, self.admin_key = self._leaf(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, ADMIN_USER),
-                ]
-            ),
-            ExtendedKeyUsageOID.CLIENT_AUTH,
-            None,
-        )
+        self.admin_cert, self.admin_key = self.client(ADMIN_USER, ["system:masters"])
         self.admin_cert_file = self._write("admin.crt", self.admin_cert)
         self.admin_key_file = self._write("admin.key", self.admin_key)
 
@@ -203,6 +202,19 @@ class _Pki:
             sa_key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ),
+        )
+
+    def client(self, user: str, groups: Sequence[str]) -> tuple[bytes, bytes]:
+        """A client certificate and its key; the API server reads the user from CN and the groups from O."""
+        return self._leaf(
+            x509.Name(
+                [
+                    *(x509.NameAttribute(NameOID.ORGANIZATION_NAME, group) for group in groups),
+                    x509.NameAttribute(NameOID.COMMON_NAME, user),
+                ]
+            ),
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            None,
         )
 
     @property
@@ -311,8 +323,10 @@ class ControlPlane:
     garbage-collects, so never wait for a namespace to disappear (see the module docstring).
     """
 
-    def __init__(self, bin_dir: Path, workdir: Path) -> None:
+    def __init__(self, bin_dir: Path, workdir: Path, *, address: str = "127.0.0.1", cluster: bool = False) -> None:
         self.bin_dir = bin_dir
+        self.address = address
+        self.cluster = cluster
         self.workdir = workdir
         self.log_dir = workdir / "logs"
         self.server = ""
@@ -324,7 +338,7 @@ class ControlPlane:
         self._stopped = False
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._kubeconfig_dir.mkdir(exist_ok=True)
-        self._pki = _Pki(workdir / "pki")
+        self._pki = _Pki(workdir / "pki", address)
         self._apiserver_args: tuple[str, ...] = ()
 
     @classmethod
@@ -335,10 +349,18 @@ class ControlPlane:
         timeout: float = 120,
         failure_logs_dir: Path | None = None,
         apiserver_args: Sequence[str] = (),
+        address: str = "127.0.0.1",
+        cluster: bool = False,
     ) -> ControlPlane:
         """Start etcd then kube-apiserver and return once /readyz says ok.
 
         apiserver_args are added to kube-apiserver's command line (the benchmarks add an audit log).
+
+        address is where the API server listens and what it advertises as the endpoint of the "kubernetes"
+        Service; it must be an address of this machine. Pods reach the API server only through an address
+        on their network (a node's bridge), never through loopback. cluster=True makes the control plane one
+        that real nodes can join: ServiceAccount admission and NodeRestriction on, a client certificate for
+        the kubelets' API, and kube-scheduler plus kube-controller-manager, started after the API server.
 
         workdir becomes owned by the ControlPlane and is deleted by stop(). If starting fails, the
         processes are stopped, the logs are copied to failure_logs_dir (or a fresh temporary directory)
@@ -349,28 +371,30 @@ class ControlPlane:
             workdir = Path(tempfile.mkdtemp(prefix="vmop-controlplane-"))
         else:
             workdir.mkdir(parents=True, exist_ok=True)
-        cp = cls(bin_dir, workdir)
+        cp = cls(bin_dir, workdir, address=address, cluster=cluster)
         cp._apiserver_args = tuple(apiserver_args)
         try:
             etcd_url = cp._start_etcd(timeout)
             cp._start_apiserver(etcd_url, timeout)
+            cp.admin_kubeconfig.write_text(
+                _kubeconfig(
+                    cp.server,
+                    cp._pki.ca_pem,
+                    ADMIN_USER,
+                    {
+                        "client-certificate-data": _b64(cp._pki.admin_cert),
+                        "client-key-data": _b64(cp._pki.admin_key),
+                    },
+                )
+            )
+            cp.admin_kubeconfig.chmod(0o600)
+            if cluster:
+                cp._start_controllers(timeout)
         except BaseException as exc:
             kept = cp.stop(keep_logs=True, logs_dest=failure_logs_dir)
             if isinstance(exc, ControlPlaneError):
                 raise ControlPlaneError(f"{exc}\nfull logs kept in {kept}") from exc
             raise
-        cp.admin_kubeconfig.write_text(
-            _kubeconfig(
-                cp.server,
-                cp._pki.ca_pem,
-                ADMIN_USER,
-                {
-                    "client-certificate-data": _b64(cp._pki.admin_cert),
-                    "client-key-data": _b64(cp._pki.admin_key),
-                },
-            )
-        )
-        cp.admin_kubeconfig.chmod(0o600)
         return cp
 
     def __enter__(self) -> ControlPlane:
@@ -437,9 +461,9 @@ class ControlPlane:
             raise ControlPlaneError(str(exc)) from None
 
     def _log_tails(self) -> str:
+        names = dict.fromkeys(("etcd", _APISERVER, *self._servers))
         return "\n".join(
-            f"--- last lines of {name}.log ---\n{tail_file(self.log_dir / f'{name}.log')}"
-            for name in ("etcd", _APISERVER)
+            f"--- last lines of {name}.log ---\n{tail_file(self.log_dir / f'{name}.log')}" for name in names
         )
 
     def _start_etcd(self, timeout: float) -> str:
@@ -477,8 +501,8 @@ class ControlPlane:
         def argv(ports: list[int]) -> list[str]:
             return [
                 str(self.bin_dir / "kube-apiserver"),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={ports[0]}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 f"--tls-cert-file={pki.serving_cert_file}",
@@ -492,16 +516,55 @@ class ControlPlane:
                 "--authorization-mode=Node,RBAC",
                 # Lets privileged DaemonSets (the node agent) pass server-side dry-run and creation.
                 "--allow-privileged=true",
-                # As envtest does: no controller creates the "default" ServiceAccount in new namespaces,
-                # so this plugin would reject every Pod.
-                "--disable-admission-plugins=ServiceAccount",
+                *(self._cluster_apiserver_args() if self.cluster else self._bare_apiserver_args()),
                 *self._apiserver_args,
             ]
 
+        host = f"[{self.address}]" if ":" in self.address else self.address
         ports = self._launch(
-            _APISERVER, 1, argv, lambda ports: self._apiserver_ready(f"https://127.0.0.1:{ports[0]}"), timeout
+            _APISERVER, 1, argv, lambda ports: self._apiserver_ready(f"https://{host}:{ports[0]}"), timeout
         )
-        self.server = f"https://127.0.0.1:{ports[0]}"
+        self.server = f"https://{host}:{ports[0]}"
+
+    @staticmethod
+    def _bare_apiserver_args() -> list[str]:
+        # As envtest does: no controller creates the "default" ServiceAccount in new namespaces,
+        # so this plugin would reject every Pod.
+        return ["--disable-admission-plugins=ServiceAccount"]
+
+    def _cluster_apiserver_args(self) -> list[str]:
+        """What a cluster with kubelets needs: NodeRestriction limits each kubelet (an identity made by
+        node_kubeconfig) to its own Node and Pods, as the Node authorizer above does for reads; InternalIP,
+        since the node names are no DNS names here; and the credentials kubelets accept for logs and exec."""
+        cert, key = self._pki.client("kube-apiserver-kubelet-client", [])
+        cert_file = self._pki._write("kubelet-client.crt", cert)
+        key_file = self._pki._write("kubelet-client.key", key)
+        return [
+            "--enable-admission-plugins=NodeRestriction",
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={cert_file}",
+            f"--kubelet-client-key={key_file}",
+        ]
+
+    def _start_controllers(self, timeout: float) -> None:
+        """Scheduler, then controller-manager, each on a fresh loopback port and ready once /healthz is ok."""
+        state = self.workdir / "controllers"
+        self._launch(
+            controllers.SCHEDULER,
+            1,
+            lambda ports: controllers.scheduler_argv(self.bin_dir, self.admin_kubeconfig, ports[0], state),
+            lambda ports: controllers.healthy(ports[0]),
+            timeout,
+        )
+        self._launch(
+            controllers.CONTROLLER_MANAGER,
+            1,
+            lambda ports: controllers.controller_manager_argv(
+                self.bin_dir, self.admin_kubeconfig, ports[0], state, self._pki.ca_file
+            ),
+            lambda ports: controllers.healthy(ports[0]),
+            timeout,
+        )
 
     def _apiserver_ready(self, server: str) -> bool:
         try:
@@ -667,8 +730,34 @@ class ControlPlane:
         path.chmod(0o600)
         return path
 
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed every certificate of the bed: what kubelets trust for the API server's client."""
+        return self._pki.ca_file
+
+    def user_kubeconfig(self, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig with a client certificate for user in groups, which RBAC and the Node authorizer
+        treat as any such identity of a real cluster (kube-proxy's system:kube-proxy, for instance)."""
+        cert, key = self._pki.client(user, groups)
+        path = self._kubeconfig_dir / f"user-{user.replace(':', '-')}.kubeconfig"
+        path.write_text(
+            _kubeconfig(
+                self.server,
+                self._pki.ca_pem,
+                user,
+                {"client-certificate-data": _b64(cert), "client-key-data": _b64(key)},
+            )
+        )
+        path.chmod(0o600)
+        return path
+
+    def node_kubeconfig(self, node: str) -> Path:
+        """A kubelet's identity for node: the Node authorizer and NodeRestriction confine it to that node."""
+        return self.user_kubeconfig(f"system:node:{node}", ["system:nodes"])
+
     def stop(self, keep_logs: bool = False, logs_dest: Path | None = None) -> Path | None:
-        """Stop kube-apiserver then etcd (the apiserver first, so it does not log a storm of etcd errors).
+        """Stop the servers in reverse start order: the controllers, then kube-apiserver, then etcd (the
+        apiserver before etcd, so it does not log a storm of etcd errors).
 
         The work dir, etcd data included, is deleted. With keep_logs the logs are first copied to logs_dest
         (or a new temporary directory), whose path is printed and returned. Safe to call twice.

@@ -1,1 +1,1 @@
-pytest_plugins = ["testbed.pytest_controlplane", "testbed.pytest_libvirt"]
+pytest_plugins = ["testbed.pytest_controlplane", "testbed.pytest_libvirt", "testbed.pytest_node"]
