@@ -107,6 +107,9 @@ def operator_image() -> OperatorImage:
         return image
 
 
+RUNC_ROOT_FLAG = f"--runtime-flag=root={CACHE_DIR / 'runc'}"
+
+
 def buildah(*args: str, log: IO[bytes] | None = None, timeout: float = 1800) -> str:
     """Run buildah on the bed's private storage and return its stdout; raise ImageBuildError if it fails.
 
@@ -291,6 +294,8 @@ def _build(image_key: str) -> OperatorImage:
                 # The storage keeps only bases: each image lives in its archive, so nothing piles up there.
                 "--layers=false",
                 "--force-rm",
+                # runc keeps its state in /run/runc unless told: in the cache, like everything of the bed's.
+                RUNC_ROOT_FLAG,
                 *volumes,
                 f"--tag={name}",
                 f"--file={REPO_ROOT / 'Dockerfile'}",

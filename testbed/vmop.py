@@ -33,9 +33,10 @@ OPERATOR_NAMESPACE, OPERATOR_ACCOUNT = "vmop-system", "vmop"
 NODE_AUTHORITY_POLICY = "vmop-node-authority"
 
 
-def install(control_plane: ControlPlane) -> None:
-    """Apply manifests/ as a user would, and return once the API server enforces the node-authority policy."""
-    control_plane.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests"))
+def install(control_plane: ControlPlane, kustomization: Path = ROOT / "manifests") -> None:
+    """Apply manifests/ (or an overlay of it) as a user would, and return once the API server enforces the
+    node-authority policy."""
+    control_plane.kubectl("apply", "--server-side", "-k", str(kustomization))
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
     _wait_until_node_authority_enforced(control_plane)
 

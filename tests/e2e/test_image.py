@@ -17,6 +17,7 @@ import pytest
 from testbed.image import (
     BASE_NAME,
     REPO_ROOT,
+    RUNC_ROOT_FLAG,
     ImageBuildError,
     OperatorImage,
     buildah,
@@ -50,7 +51,7 @@ def container(image: OperatorImage) -> Iterator[str]:
 
 def run(container: str, *argv: str) -> str:
     """argv in the container, as the image's user with its environment; no network, as nothing here needs one."""
-    return buildah("run", "--network=none", container, "--", *argv)
+    return buildah("run", "--network=none", RUNC_ROOT_FLAG, container, "--", *argv)
 
 
 def test_the_base_is_a_build_argument_and_the_image_is_built_on_it(
