@@ -7,6 +7,7 @@ from typing import Any
 
 import libvirt
 
+from testbed.kstatus import verdict
 from testbed.vmop import condition, parse_time
 from testbed.wait import holds_until
 from tests.e2e.conftest import Vmop
@@ -135,6 +136,7 @@ def test_never_forcing_reports_overdue_until_mode_force(vmop: Vmop) -> None:
         what="ShutdownOverdue",
     )
     assert condition(body, "Ready")["reason"] == "ShutdownOverdue"
+    assert verdict(body).status == "Failed", "Flux's health check: only a person can end this stop"
     attempts_when_overdue = body["status"]["shutdown"]["attempts"]
     holds_until(
         lambda: vmop.domain_state("precious") == libvirt.VIR_DOMAIN_RUNNING,
