@@ -69,9 +69,12 @@ def test_the_daemonset_rolls_out_and_its_pod_turns_ready_in_the_pod_network(depl
     assert container["restartCount"] == 0, "the liveness probe never failed"
     assert pod["spec"]["nodeName"] == deployed.node_name
     # The kubelet's probes reached /healthz at the pod's address; so does anyone on the pod network.
-    text = vmop.scrape(pod)
-    assert metric(text, "vmop_node_lock_held") == 1
-    assert metric(text, "vmop_libvirt_connected") == 1
+    assert metric(vmop.scrape(pod), "vmop_node_lock_held") == 1
+    wait_until(
+        lambda: metric(vmop.scrape(pod), "vmop_libvirt_connected") == 1,
+        timeout=30,
+        message="the pod did not reach libvirtd through the mounted socket",
+    )
 
 
 def test_the_operator_in_the_pod_stops_a_guest_gracefully_and_forces_a_stubborn_one_at_its_deadline(
