@@ -319,9 +319,9 @@ def _progress(
 ) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
     """The Reconciling and Stalled conditions (reason, message), None where absent.
 
-    GitOps tools read these two, not Ready: kstatus (Flux's health check, `kubectl wait` scripts built on
-    it) says InProgress while Reconciling is true and Failed while Stalled is, and otherwise compares
-    observedGeneration with the generation. Both derive from Ready and Synced so that they never disagree.
+    GitOps tools read these two before Ready: kstatus (Flux's health check) compares observedGeneration
+    with the generation, then says InProgress while Reconciling is true and Failed while Stalled is, and
+    reads Ready only when both are absent. Both derive from Ready and Synced so that they never disagree.
     """
     for condition_status, reason, message in (synced, ready):
         if condition_status != "True" and reason in STALLED_REASONS:
