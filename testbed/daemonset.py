@@ -21,7 +21,7 @@ import yaml
 
 from testbed.controlplane import ControlPlane
 from testbed.libvirthost import LibvirtHost
-from testbed.vmop import OPERATOR_NAMESPACE, ROOT, install
+from testbed.vmop import OPERATOR_NAMESPACE, ROOT, install, log_records
 from testbed.wait import wait_until
 
 DAEMONSET = "vmop"
@@ -123,13 +123,7 @@ class PodLogFollower:
             self._process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def records(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    found.append(record)
-        return found
+        return log_records(self.path)
 
     def stop(self) -> None:
         if self._process.poll() is None:

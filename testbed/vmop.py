@@ -178,14 +178,7 @@ class OperatorProcess:
         raise AssertionError(f"{name}{labels} is not exported")
 
     def log_records(self) -> list[dict[str, Any]]:
-        """The operator's JSON log lines, parsed (lines that are not JSON, a traceback's, are skipped)."""
-        records = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    records.append(record)
-        return records
+        return log_records(self.log_path)
 
     def log_tail(self, lines: int = 60) -> str:
         return tail_file(self.log_path, lines)
@@ -213,6 +206,17 @@ class OperatorProcess:
         if self.process is not None:
             self.process.send_signal(signal.SIGCONT)  # a paused one could not hear SIGTERM
             terminate(self.process, timeout=timeout)
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """An operator's JSON log lines, parsed (lines that are not JSON, a traceback's, are skipped)."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def vm_manifest(
