@@ -28,6 +28,12 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def container_running(pod: dict[str, Any]) -> bool:
+    """Its container has started: before, `kubectl logs -f` ends at once and there is nothing to scrape."""
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return bool(statuses) and "running" in statuses[0].get("state", {})
+
+
 def shutdown_record(world: World, name: str, outcome: str, timeout: float = 90) -> dict[str, Any]:
     body = world.vms.wait(
         name,
@@ -195,22 +201,36 @@ def test_a_rollout_restart_with_a_surge_never_has_two_operators_acting_on_the_no
     acting_seen: set[str] = set()
     done = threading.Event()
 
+    def acting(pod: dict[str, Any]) -> bool:
+        try:
+            return metric(DeployedVmop.scrape(pod, timeout=1), "vmop_node_lock_held") == 1
+        except OSError:
+            return False  # not listening yet, or already gone
+
     def sample() -> None:
-        """Both pods' lock gauges, from their own addresses, every 20 ms until the rollout is over."""
+        """The pods' lock gauges, from their own addresses, until the rollout is over.
+
+        Scrapes are one after another, never at one instant: a pod seen acting, then another, then the
+        first again, proves both acted at once; two readings alone could straddle a 2 ms handover.
+        """
+        pods: dict[str, dict[str, Any]] = {}
+        listed_at = 0.0
         while not done.is_set():
-            acting = []
-            for pod in vmop.pods():
-                if not pod.get("status", {}).get("podIP"):
-                    continue
-                vmop.follow(pod["metadata"]["name"])
-                try:
-                    if metric(DeployedVmop.scrape(pod, timeout=1), "vmop_node_lock_held") == 1:
-                        acting.append(pod["metadata"]["name"])
-                except OSError:
-                    continue  # not listening yet, or already gone
-            acting_seen.update(acting)
-            if len(acting) > 1:
-                overlaps.append(acting)
+            if time.monotonic() - listed_at > 0.5:
+                listed_at = time.monotonic()
+                pods = {pod["metadata"]["name"]: pod for pod in vmop.pods() if container_running(pod)}
+                for name in pods:
+                    vmop.follow(name)  # from its first line, which may already be written
+            if not pods:
+                time.sleep(0.02)
+                continue
+            first, *others = pods.values()
+            before = acting(first)
+            also = [pod["metadata"]["name"] for pod in others if acting(pod)]
+            after = acting(first)
+            acting_seen.update(also + ([first["metadata"]["name"]] if before or after else []))
+            if before and after and also:
+                overlaps.append([first["metadata"]["name"], *also])
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
