@@ -33,7 +33,7 @@ from testbed.guests import (
     cache_root,
     coop_cmdline,
 )
-from testbed.processes import tail_file
+from testbed.processes import alive, tail_file
 from testbed.reaper import Reaper, ReaperError
 from testbed.wait import wait_until
 
@@ -101,15 +101,6 @@ def _unix_socket_answers(path: Path) -> bool:
         except OSError:
             return False
     return True
-
-
-def _alive(pid: int) -> bool:
-    """A zombie counts as dead: an orphaned QEMU is reaped by PID 1, which takes its time here."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status
 
 
 class LibvirtHost:
@@ -387,7 +378,7 @@ class LibvirtHost:
         if leftovers:
             print(f"libvirt test bed: killed leftover QEMU processes {leftovers}", file=sys.stderr)
             wait_until(
-                lambda: not any(_alive(pid) for pid in leftovers),
+                lambda: not any(alive(pid) for pid in leftovers),
                 timeout=10.0,
                 message=f"QEMU processes {leftovers} did not die",
             )

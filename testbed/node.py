@@ -55,7 +55,7 @@ import kubernetes.client
 import yaml
 
 from testbed.controlplane import ControlPlane
-from testbed.processes import free_ports, tail_file
+from testbed.processes import alive, free_ports, tail_file
 from testbed.reaper import Reaper, ReaperError
 from testbed.wait import WaitTimeout, wait_until
 
@@ -786,7 +786,7 @@ disabled_plugins = [
         if Path(f"/sys/class/net/{self.bridge}").exists():
             found.append(f"bridge {self.bridge}")
         for pid in sorted(self._pids):
-            if _alive(pid):
+            if alive(pid):
                 found.append(f"process {pid}")
         for proc in Path("/proc").iterdir():
             with contextlib.suppress(OSError, ValueError):
@@ -819,12 +819,3 @@ disabled_plugins = [
     def import_image(self, archive: Path) -> None:
         """Make an OCI or Docker image archive available to pods (imagePullPolicy Never or IfNotPresent)."""
         self.ctr("images", "import", "--snapshotter", self.snapshotter, str(archive))
-
-
-def _alive(pid: int) -> bool:
-    """A zombie counts as dead: its reaper may not have collected it yet."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status

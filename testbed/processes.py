@@ -44,3 +44,12 @@ def terminate(process: subprocess.Popen[Any], *, timeout: float, sig: signal.Sig
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    """A zombie counts as dead: a process this bed stopped may be reaped late (by PID 1 or a reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status

@@ -16,6 +16,7 @@ import libvirt
 import pytest
 
 from testbed.libvirthost import LibvirtHost
+from testbed.processes import alive
 from testbed.pytest_libvirt import GuestFactory
 from testbed.wait import wait_until
 
@@ -190,14 +191,6 @@ def _parent(pid: int) -> int:
     return int(status.split("\nPPid:\t", 1)[1].split("\n", 1)[0])
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 def test_guests_keep_running_across_a_daemon_restart_and_stop_promptly_after_it(own_libvirt: LibvirtHost) -> None:
     """The guests that matter are those the previous daemon started: their QEMU is no child of the new one."""
     host = own_libvirt
@@ -217,7 +210,7 @@ def test_guests_keep_running_across_a_daemon_restart_and_stop_promptly_after_it(
         for dom in (coop, firmware):
             assert _running(dom), f"{dom.name()} did not survive the restart: {_state(dom)}"
             assert dom.ID() == ids[dom.name()], f"{dom.name()} was restarted, not kept"
-            assert _process_alive(qemu_pids[dom.name()])
+            assert alive(qemu_pids[dom.name()])
             # the cause of slow stops, asserted on its own because the timings below vary with PID 1's rhythm
             assert _parent(qemu_pids[dom.name()]) != 1, f"{dom.name()}'s QEMU was left to PID 1 to reap"
 
@@ -248,9 +241,9 @@ def test_stop_kills_the_guests_of_a_stopped_daemon() -> None:
         qemu = _qemu_pid(host, dom.name())
         daemon = host.daemon_pid
         host.stop_daemon()
-        assert _process_alive(qemu), "stop_daemon() must leave the guests running"
+        assert alive(qemu), "stop_daemon() must leave the guests running"
     finally:
         host.stop()
-    assert not _process_alive(qemu)
+    assert not alive(qemu)
     assert daemon is not None
-    assert not _process_alive(daemon)
+    assert not alive(daemon)
