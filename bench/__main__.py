@@ -18,13 +18,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import agent, maintenance, report, scale, shutdown, storage
+from bench import agent, faults, maintenance, nova, report, scale, shutdown, storage, unasked
 from bench.bed import Bed
 from bench.libvirt_guests import libvirt_guests_baseline
 from testbed.vmop import ROOT
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-SECTIONS = ("deadline", "graceful", "parallel", "agent", "scale", "storage", "maintenance")
+SECTIONS = (
+    "deadline",
+    "nova",
+    "graceful",
+    "unasked",
+    "parallel",
+    "agent",
+    "scale",
+    "storage",
+    "maintenance",
+    "faults",
+)
 
 
 @dataclass(frozen=True)
@@ -141,8 +152,23 @@ def _maintenance(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
     )
 
 
+def _nova(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
+    results["nova"] = nova.run(bed, quick=sizes is QUICK)
+
+
+def _unasked(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
+    results["unasked"] = unasked.run(bed, quick=sizes is QUICK)
+
+
+def _faults(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
+    results["faults"] = faults.run(bed, quick=sizes is QUICK)
+
+
 RUNNERS: dict[str, Callable[[Bed, Sizes, dict[str, Any]], None]] = {
     "deadline": _deadline,
+    "nova": _nova,
+    "unasked": _unasked,
+    "faults": _faults,
     "graceful": _graceful,
     "parallel": _parallel,
     "agent": _agent,

@@ -10,6 +10,8 @@ from typing import Any
 
 import libvirt
 
+from bench import faults, nova, unasked
+
 
 def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
@@ -184,6 +186,7 @@ def table(results: dict[str, Any]) -> str:
                 "p99 < 0.25 at N=30",
             )
         )
+    rows += nova.rows(results.get("nova") or {})
     g = results.get("graceful_detection") or {}
     if "p50" in g:
         rows.append(
@@ -193,6 +196,7 @@ def table(results: dict[str, Any]) -> str:
                 "p99 < 0.5",
             )
         )
+    rows += unasked.rows(results.get("unasked") or {})
     p = results.get("parallel") or {}
     if "vmop_total" in p:
         label = f"parallel, N={p['n']} ({p.get('coop')} coop), G={p['grace']} s"
@@ -245,6 +249,7 @@ def table(results: dict[str, Any]) -> str:
         )
     rows += _storage_rows(results.get("storage") or {})
     rows += _maintenance_rows(results.get("maintenance") or {})
+    rows += faults.rows(results.get("faults") or {})
     widths = [max(len(r[c]) for r in [("benchmark", "result", "target"), *rows]) for c in range(3)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(("benchmark", "result", "target"), widths, strict=True))]
     lines.append("-+-".join("-" * w for w in widths))
