@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -69,6 +70,9 @@ def _close_quietly(*conns: Any) -> None:
                 conn.close()
 
 
+# How long a lost connection is tried again every 0.25 s before the retries back off.
+_FAST_RECONNECT_SECONDS = 10.0
+
 # As many agent calls at once as libvirtd serves on one connection by default (max_client_requests).
 _AGENT_THREADS = 5
 
@@ -76,8 +80,9 @@ _AGENT_THREADS = 5
 class Lane(enum.Enum):
     """Connections of their own, each with libvirtd's per-client limit (max_client_requests, 5 by default).
 
-    MAIN observes and takes ordinary actions. FORCE only destroys: at a deadline every millisecond is
-    overshoot, and a destroy waits out libvirt's 200 ms kill poll on the connection it uses. AGENT only
+    MAIN observes and takes ordinary actions. FORCE only destroys, on threads of its own: at a deadline every
+    millisecond is overshoot, and a destroy waits out libvirt's 200 ms kill poll on the connection and the
+    thread it uses (a destroy armed ahead of its deadline holds its thread until then). AGENT only
     talks to guest agents: a hung agent holds its call until the agent timeout, and five of them would
     hold a whole connection, every other VM's observe and force included.
     """
@@ -163,6 +168,9 @@ class Hypervisor:
         # one. In the shared pool such calls could take every thread and hold up other VMs' forces; here
         # a queued agent call only runs out of its own timeout, and the request goes on to ACPI.
         self._agent_executor = ThreadPoolExecutor(max_workers=_AGENT_THREADS, thread_name_prefix="libvirt-agent")
+        # Forces have threads of their own, as many as ordinary calls: a destroy armed for a deadline waits on
+        # its thread, and ordinary calls must neither be held up by armed ones nor hold them up.
+        self._force_executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt-force")
         self._agent_timeout = agent_timeout
         self._graceful_destroy_timeout = graceful_destroy_timeout
         self._reconnect_max_backoff = reconnect_max_backoff
@@ -199,27 +207,39 @@ class Hypervisor:
             await asyncio.gather(self._reconnector, return_exceptions=True)
         conns, self._lanes = list(self._lanes.values()), {}
         await self._run(_close_quietly, *conns)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._agent_executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._agent_executor, self._force_executor):
+            executor.shutdown(wait=False, cancel_futures=True)
 
     async def _keep_connected(self) -> None:
-        backoff = 0.5
+        """Reconnect every 0.25 s for the first 10 s of an outage, then back off.
+
+        A libvirtd restart (an upgrade, a crash the init system repairs) takes about a second, and a force
+        due meanwhile is sent only once the connection is back: each second of a doubling back-off would be
+        a second past the deadline. A failed connect to a local socket costs nothing; a long outage is
+        tried less and less often.
+        """
+        backoff, outage_began, attempts = 0.25, None, 0
         while True:
             await self._lost.wait()
+            outage_began = outage_began or time.monotonic()
             try:
                 lanes = await self._run(self._connect)
             except libvirt.libvirtError as error:
-                logger.warning(
-                    "libvirt at %s is unreachable: %s; retrying in %.1fs",
-                    self.uri,
-                    error,
-                    backoff,
-                    extra={"libvirt_uri": self.uri},
-                )
+                fast = time.monotonic() - outage_began < _FAST_RECONNECT_SECONDS
+                if not (fast and attempts):  # one line for the fast retries, then one per slow retry
+                    logger.warning(
+                        "libvirt at %s is unreachable: %s; retrying %s",
+                        self.uri,
+                        error,
+                        f"every {backoff:.2f}s for {_FAST_RECONNECT_SECONDS:.0f}s" if fast else f"in {backoff:.1f}s",
+                        extra={"libvirt_uri": self.uri},
+                    )
+                attempts += 1
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._reconnect_max_backoff)
+                if time.monotonic() - outage_began >= _FAST_RECONNECT_SECONDS:
+                    backoff = min(backoff * 2, self._reconnect_max_backoff)
                 continue
-            backoff = 0.5
+            backoff, outage_began, attempts = 0.25, None, 0
             self._lanes = lanes
             self._lost.clear()
             self._up.set()
@@ -273,7 +293,7 @@ class Hypervisor:
         self._on_connection_change(False)
 
     async def _run(self, fn: Callable[..., T], *args: Any, lane: Lane = Lane.MAIN) -> T:
-        executor = self._agent_executor if lane is Lane.AGENT else self._executor
+        executor = {Lane.AGENT: self._agent_executor, Lane.FORCE: self._force_executor}.get(lane, self._executor)
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def _call(self, what: str, fn: Callable[[Any], T], *, lane: Lane = Lane.MAIN) -> T:
@@ -451,33 +471,47 @@ class Hypervisor:
 
         return agent_shutdown
 
-    async def force_off(self, uuid: str) -> None:
+    async def force_off(self, uuid: str, *, delay: float = 0.0, abort: asyncio.Event | None = None) -> bool:
         """SIGTERM first, so that QEMU flushes its caches and exits; SIGKILL only if it does not.
+
+        With a delay, the destroy is armed: it waits on its own thread and is sent when the delay is up, so
+        that at a deadline nothing is left to do but send it (no step of the event loop, no thread to find).
+        Until then `abort` being set calls it off; returns False if it was called off, True once sent.
 
         libvirt's timeline: a graceful destroy sends SIGTERM and polls every 200 ms, giving up after 15 s
         without SIGKILL. After our bound (settings keep it below those 15 s) a plain destroy follows; it
         sends SIGTERM again and SIGKILL 10 s later (virProcessKillPainfully), so a QEMU that ignores SIGTERM
         is gone at most bound + 10 s (and a few polls) after the deadline.
         """
+        called_off = threading.Event()
+        due = time.monotonic() + delay
 
-        def destroy(flags: int) -> Callable[[Any], None]:
-            def run(conn: Any) -> None:
+        def destroy(flags: int, armed: bool = False) -> Callable[[Any], bool]:
+            def run(conn: Any) -> bool:
+                if armed and called_off.wait(max(0.0, due - time.monotonic())):
+                    return False
                 try:
                     _lookup(conn, uuid).destroyFlags(flags)
                 except libvirt.libvirtError as error:
                     if error.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
                         raise
+                return True
 
             return run
 
+        watcher = asyncio.create_task(abort.wait()) if abort is not None else None
+        if watcher is not None:
+            watcher.add_done_callback(lambda _: called_off.set())
         try:
-            await asyncio.wait_for(
+            sent = await asyncio.wait_for(
                 self._call(
-                    f"graceful destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL), lane=Lane.FORCE
+                    f"graceful destroy of {uuid}",
+                    destroy(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL, armed=True),
+                    lane=Lane.FORCE,
                 ),
-                timeout=self._graceful_destroy_timeout,
+                timeout=max(0.0, delay) + self._graceful_destroy_timeout,
             )
-            return
+            return sent
         except (TimeoutError, HypervisorError) as error:
             logger.warning(
                 "graceful destroy of %s did not finish (%s): destroying",
@@ -485,4 +519,8 @@ class Hypervisor:
                 error or "timeout",
                 extra={"domain": uuid},
             )
-        await self._call(f"destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT), lane=Lane.FORCE)
+        finally:
+            called_off.set()  # a cancelled caller must not leave an armed destroy behind
+            if watcher is not None:
+                watcher.cancel()
+        return await self._call(f"destroy of {uuid}", destroy(libvirt.VIR_DOMAIN_DESTROY_DEFAULT), lane=Lane.FORCE)

@@ -163,9 +163,10 @@ def parser() -> argparse.ArgumentParser:
         p,
         "--libvirt-workers",
         "VMOP_LIBVIRT_WORKERS",
-        "threads for blocking libvirt calls: how many VMs can be acted on at the same instant "
-        "(libvirtd's max_client_requests must allow as many)",
-        default="64",
+        "threads for blocking libvirt calls, and as many again for forced stops: how many VMs can be acted "
+        "on, or forced off, at the same instant (libvirtd's max_workers and max_client_requests must allow "
+        "as many)",
+        default="128",
         type=int,
     )
     _option(

@@ -9,6 +9,7 @@ asserts force times against deadlines to the microsecond.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import xml.etree.ElementTree as ET
@@ -62,6 +63,8 @@ class FakeHypervisor:
     domains: dict[str, FakeDomain] = field(default_factory=dict)  # by name
     forced: dict[str, datetime] = field(default_factory=dict)  # uuid -> when forced, at the operator's clock
     requests: list[tuple[str, datetime]] = field(default_factory=list)
+    armed: list[tuple[str, datetime]] = field(default_factory=list)  # forces armed ahead of their deadline
+    called_off: list[tuple[str, datetime]] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # uuid or name -> the per-domain system error
     down: bool = False
     connected: bool = False
@@ -178,12 +181,22 @@ class FakeHypervisor:
             )
         return methods[0].value, ""
 
-    async def force_off(self, uuid: str) -> None:
+    async def force_off(self, uuid: str, *, delay: float = 0.0, abort: asyncio.Event | None = None) -> bool:
+        if delay > 0:  # as libvirt's adapter does, an armed destroy first waits, then finds its domain
+            self.armed.append((uuid, self.clock.now()))
+            if abort is None:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(abort.wait(), delay)
+                    self.called_off.append((uuid, self.clock.now()))
+                    return False
         self._check(uuid)
         domain = self.by_uuid(uuid)
         self.forced.setdefault(uuid, self.clock.now())
         if domain.state is not DomainState.STOPPED:
             self.stop(domain, StopCause.DESTROYED)
+        return True
 
 
 class FakeKube:

@@ -484,3 +484,49 @@ def test_a_failed_look_at_the_node_memory_is_that_vms_failure_and_it_starts_once
         await env.op.stop()
 
     scenario(run)
+
+
+def test_the_force_is_decided_a_second_ahead_and_sent_at_the_deadline() -> None:
+    """At a deadline nothing is left to do but send the destroy: the step that decides it runs a second before."""
+
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=10, retryIntervalSeconds=3)
+        env.edit("web", powerState="Stopped")
+        await until(lambda: "uid-web" in env.hyp.forced, what="the force")
+        deadline = env.requests("web")[0] + timedelta(seconds=10)
+        [(uuid, armed_at)] = env.hyp.armed
+        assert uuid == "uid-web"
+        assert timedelta(0) <= armed_at - (deadline - timedelta(seconds=1)) < MS, "armed after the last request"
+        assert [(at - env.requests("web")[0]).total_seconds() for at in env.requests("web")] == [0, 3, 6, 9]
+        assert timedelta(0) <= env.hyp.forced["uid-web"] - deadline < MS
+        await until(lambda: env.shutdown("web").get("outcome") == "Forced", what="the report")
+        assert env.events.reasons("web").count("ForcedOff") == 1
+        await env.op.stop()
+
+    scenario(run)
+
+
+@pytest.mark.parametrize("news", ["guest powers off", "spec back to Running"])
+def test_news_in_the_last_second_calls_the_armed_force_off(news: str) -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await env.running("web", gracePeriodSeconds=10, retryIntervalSeconds=0)
+        env.edit("web", powerState="Stopped")
+        await until(lambda: env.hyp.armed, what="the force armed")
+        await asyncio.sleep(0.5)
+        if news == "guest powers off":
+            env.hyp.stop(env.domain("web"), StopCause.SHUTDOWN)
+            outcome = "Graceful"
+        else:
+            env.edit("web", powerState="Running")
+            outcome = "Cancelled"
+        await asyncio.sleep(5)
+        assert "uid-web" not in env.hyp.forced
+        assert [uuid for uuid, _at in env.hyp.called_off] == ["uid-web"]
+        await until(lambda: env.shutdown("web").get("outcome") == outcome, what=f"outcome {outcome}")
+        await env.op.stop()
+
+    scenario(run)
