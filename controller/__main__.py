@@ -57,22 +57,10 @@ async def run(settings: Settings, configuration: client.Configuration) -> None:
     metrics = Metrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
+    # Everything is built before the lock is waited for: a standby that takes over at a deadline must not
+    # spend the next second or two importing and building its clients (the kubernetes client alone takes
+    # one to two seconds on a small node).
     lock = NodeLock(settings.node_lock_file)
-    if not lock.try_acquire():
-        # A standby: a rollout's new copy, or a second install. It does nothing, kopf included, until the
-        # active copy exits or dies; then it takes over at once (the kernel wakes it).
-        logging.getLogger("vmop").info(
-            "another operator holds %s for node %s: waiting as a standby", settings.node_lock_file, settings.node_name
-        )
-        health = await _standby_health(settings.health_port) if settings.health_port else None
-        try:
-            await lock.acquire()
-        finally:
-            if health is not None:
-                await health.cleanup()  # kopf's own endpoint takes the port from here
-    metrics.node_lock_held.set(1)
-    logging.getLogger("vmop").info("holding %s: acting for node %s", settings.node_lock_file, settings.node_name)
-    clock = Clock()
     operator = Operator(
         settings,
         kube=Kube(client.ApiClient(configuration), timeout=settings.api_timeout),
@@ -88,11 +76,25 @@ async def run(settings: Settings, configuration: client.Configuration) -> None:
             timeout=settings.api_timeout,
         ),
         metrics=metrics,
-        clock=clock,
+        clock=Clock(),
         node_lock=lock,
     )
     registry = kopf.OperatorRegistry()
     register(registry, operator, kopf_login(configuration))
+    if not lock.try_acquire():
+        # A standby: a rollout's new copy, or a second install. It does nothing, kopf included, until the
+        # active copy exits or dies; then it takes over at once (the kernel wakes it).
+        logging.getLogger("vmop").info(
+            "another operator holds %s for node %s: waiting as a standby", settings.node_lock_file, settings.node_name
+        )
+        health = await _standby_health(settings.health_port) if settings.health_port else None
+        try:
+            await lock.acquire()
+        finally:
+            if health is not None:
+                await health.cleanup()  # kopf's own endpoint takes the port from here
+    metrics.node_lock_held.set(1)
+    logging.getLogger("vmop").info("holding %s: acting for node %s", settings.node_lock_file, settings.node_name)
     try:
         await kopf.operator(
             registry=registry,
