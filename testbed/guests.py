@@ -2,11 +2,12 @@
 
 The guests exist to exercise the operator's shutdown paths for real: a guest that honours the ACPI power
 button (optionally only after ignoring a few presses, or after a delay) and one that never does. The
-cooperative guest also carries Debian's own QEMU guest agent, which the kernel command line turns on,
-hangs or makes ignore its shutdown command (see `coop_cmdline`). Building them from a Debian kernel
-package, the qemu-guest-agent package, busybox-static and the host's C library needs nothing beyond
-Debian's package registry, and the result is cached because downloading and unpacking a 70 MB kernel
-package on every run would dominate the test time.
+cooperative guest can also power itself off unasked, a given time after it is ready or after a key press,
+and it carries Debian's own QEMU guest agent, which the kernel command line turns on, hangs or makes
+ignore its shutdown command (see `coop_cmdline`). Building them from a Debian kernel package, the
+qemu-guest-agent package, busybox-static and the host's C library needs nothing beyond Debian's package
+registry, and the result is cached because downloading and unpacking a 70 MB kernel package on every run
+would dominate the test time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _APPLETS = (
     "readlink",
     "mkdir",
     "rmdir",
+    "dd",
 )
 
 _MODULES = ("drivers/input/evdev.ko", "drivers/acpi/button.ko")
@@ -58,6 +60,16 @@ transport, all modules in Debian's kernel, loaded in this order. The package car
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 """The name of the guest agent's virtio-serial port, as libvirt and qemu-ga expect it."""
+
+POWEROFF_FROM = ("ready", "key")
+"""What `vmop.poweroff_after=S` counts from (`vmop.poweroff_from=`): ready, the guest's GUEST-READY line;
+key, the first key press on its PS/2 keyboard after that, which libvirt's virDomainSendKey delivers (a
+starting pistol from the host that neither vmop nor libvirt's shutdown machinery takes part in, for
+guests that must power themselves off at the same moment however far apart they booted)."""
+
+KEYBOARD = "AT Translated Set 2 keyboard"
+"""The input device of QEMU's PS/2 keyboard, which every x86 domain has (the i8042 controller is part of
+the machine, and libvirt adds the keyboard of its own accord); Debian builds its drivers into the kernel."""
 
 AGENT_MODES = ("absent", "ok", "hung", "ignore")
 """absent: nothing opens the agent's port. ok: qemu-ga serves it and guest-shutdown powers the guest off.
@@ -98,6 +110,7 @@ mkdir -p /etc/vmop
 ignore=0
 delay=0
 poweroff_after=""
+poweroff_from=ready
 suspend_after=""
 agent=absent
 for arg in $(cat /proc/cmdline); do
@@ -105,6 +118,7 @@ for arg in $(cat /proc/cmdline); do
     vmop.ignore=*) ignore="${{arg#vmop.ignore=}}" ;;
     vmop.delay=*) delay="${{arg#vmop.delay=}}" ;;
     vmop.poweroff_after=*) poweroff_after="${{arg#vmop.poweroff_after=}}" ;;
+    vmop.poweroff_from=*) poweroff_from="${{arg#vmop.poweroff_from=}}" ;;
     vmop.suspend_after=*) suspend_after="${{arg#vmop.suspend_after=}}" ;;
     vmop.agent=*) agent="${{arg#vmop.agent=}}" ;;
   esac
@@ -112,6 +126,10 @@ done
 case "$agent" in
   {"|".join(AGENT_MODES)}) ;;
   *) fail "unknown vmop.agent=$agent" ;;
+esac
+case "$poweroff_from" in
+  {"|".join(POWEROFF_FROM)}) ;;
+  *) fail "unknown vmop.poweroff_from=$poweroff_from" ;;
 esac
 echo "$ignore" > /etc/vmop/ignore
 echo "$delay" > /etc/vmop/delay
@@ -141,6 +159,26 @@ done
 acpid -f -c /etc/acpi -l /tmp/acpid.log &
 holds_open $! "$button" acpid /tmp/acpid.log
 
+# The key that starts the power-off timer: read as one input event (24 bytes on x86_64) by a reader that
+# holds the keyboard open before GUEST-READY, so that a key sent after that line is never lost.
+if [ -n "$poweroff_after" ] && [ "$poweroff_from" = key ]; then
+  keyboard=""
+  tries=0
+  while [ -z "$keyboard" ]; do
+    for dev in /sys/class/input/event*; do
+      if [ "$(cat "$dev/device/name" 2>/dev/null)" = "{KEYBOARD}" ] && [ -e "/dev/input/${{dev##*/}}" ]; then
+        keyboard="/dev/input/${{dev##*/}}"
+      fi
+    done
+    tries=$((tries + 1))
+    [ -n "$keyboard" ] || [ "$tries" -le 200 ] || fail "no keyboard input device"
+    [ -n "$keyboard" ] || sleep 0.05
+  done
+  dd if="$keyboard" of=/dev/null bs=24 count=1 2>/tmp/key.log &
+  key_reader=$!
+  holds_open $key_reader "$keyboard" "the key reader" /tmp/key.log
+fi
+
 # No udev here: the agent's port is the vportNpM whose name is the channel's, and devtmpfs has its node.
 if [ "$agent" != absent ]; then
   port=""
@@ -167,8 +205,12 @@ if [ "$agent" != absent ]; then
 fi
 echo "GUEST-READY coop uptime=$(cat /proc/uptime)" > /dev/ttyS0
 if [ -n "$poweroff_after" ]; then
+  if [ "$poweroff_from" = key ]; then
+    wait $key_reader
+    echo "GUEST-POWEROFF-KEY in $poweroff_after s uptime=$(cat /proc/uptime)" > /dev/ttyS0
+  fi
   sleep "$poweroff_after"
-  echo "GUEST-POWEROFF by itself" > /dev/ttyS0
+  echo "GUEST-POWEROFF by itself uptime=$(cat /proc/uptime)" > /dev/ttyS0
   poweroff -f
 fi
 if [ -n "$suspend_after" ]; then
@@ -233,14 +275,19 @@ def coop_cmdline(
     ignore_presses: int = 0,
     shutdown_delay: float = 0.0,
     poweroff_after: float | None = None,
+    poweroff_from: str = "ready",
     suspend_after: float | None = None,
     agent: str = "absent",
 ) -> str:
     """Kernel command line for the cooperative guest; the knobs travel there because the initramfs is
     shared by every cooperative guest and only the command line differs per domain.
 
-    poweroff_after: the guest powers itself off this long after it is ready (a crash loop under
-    restartPolicy Always). suspend_after: it suspends itself to RAM (ACPI S3) this long after it is ready.
+    poweroff_after (`vmop.poweroff_after=`): the guest powers itself off unasked (`poweroff -f`, the ACPI
+    power-off its power button handler uses too, so libvirt says SHUTOFF_SHUTDOWN) this many seconds after
+    it printed GUEST-READY, or with poweroff_from="key" after the first key press that follows (see
+    POWEROFF_FROM); it prints GUEST-POWEROFF just before (and GUEST-POWEROFF-KEY on the key). Under
+    restartPolicy Always that is a crash loop. suspend_after: it suspends itself to RAM (ACPI S3) this long
+    after it is ready.
     agent (`vmop.agent=`, see AGENT_MODES): what answers on the guest agent's channel, which the domain
     must then have; any mode but absent prints GUEST-AGENT-READY before GUEST-READY.
     """
@@ -248,11 +295,17 @@ def coop_cmdline(
         raise ValueError(f"ignore_presses must be >= 0, got {ignore_presses}")
     if agent not in AGENT_MODES:
         raise ValueError(f"agent must be one of {AGENT_MODES}, got {agent!r}")
+    if poweroff_from not in POWEROFF_FROM:
+        raise ValueError(f"poweroff_from must be one of {POWEROFF_FROM}, got {poweroff_from!r}")
+    if poweroff_from != "ready" and poweroff_after is None:
+        raise ValueError(f"poweroff_from={poweroff_from!r} needs poweroff_after: it says what the timer counts from")
     line = f"{_BASE_CMDLINE} vmop.ignore={ignore_presses} vmop.delay={_decimal(shutdown_delay)}"
     if agent != "absent":
         line += f" vmop.agent={agent}"
     if poweroff_after is not None:
         line += f" vmop.poweroff_after={_decimal(poweroff_after)}"
+        if poweroff_from != "ready":
+            line += f" vmop.poweroff_from={poweroff_from}"
     if suspend_after is not None:
         line += f" vmop.suspend_after={_decimal(suspend_after)}"
     return line

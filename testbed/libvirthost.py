@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from types import TracebackType
@@ -41,6 +42,20 @@ GuestKind = Literal["coop", "stubborn", "firmware"]
 DomainType = Literal["kvm", "qemu"]
 
 DAEMON_USER = "libvirt-qemu"
+
+
+@dataclass(frozen=True)
+class DaemonLimits:
+    """libvirtd's limits on calls at once: in all (max_workers) and per client connection (max_client_requests)."""
+
+    max_workers: int
+    max_client_requests: int
+
+
+STOCK_LIMITS = DaemonLimits(max_workers=20, max_client_requests=5)
+"""libvirt's defaults (libvirtd.conf, virtqemud.conf), as a host that was never tuned runs them."""
+TUNED_LIMITS = DaemonLimits(max_workers=128, max_client_requests=128)
+"""The bed's default: as many calls at once as the operator's default --libvirt-workers."""
 CONFIG_DIR = Path(__file__).with_name("libvirt")
 
 _MEMORY_MIB: dict[GuestKind, int] = {"coop": 128, "stubborn": 96, "firmware": 16}
@@ -106,9 +121,12 @@ def _unix_socket_answers(path: Path) -> bool:
 class LibvirtHost:
     """One running session libvirtd and the paths its guests use; create it with `LibvirtHost.start()`."""
 
-    def __init__(self, workdir: Path, images: GuestImages, *, socket_perms: int = 0o700) -> None:
+    def __init__(
+        self, workdir: Path, images: GuestImages, *, socket_perms: int = 0o700, limits: DaemonLimits = TUNED_LIMITS
+    ) -> None:
         self.workdir = workdir
         self.socket_perms = socket_perms
+        self.limits = limits
         self.storage_dir = workdir / "storage"
         self.console_dir = workdir / "console"
         self.log_dir = workdir / "logs"
@@ -131,7 +149,9 @@ class LibvirtHost:
     # ---- lifecycle
 
     @classmethod
-    def start(cls, workdir: Path | None = None, *, socket_perms: int = 0o700) -> LibvirtHost:
+    def start(
+        cls, workdir: Path | None = None, *, socket_perms: int = 0o700, limits: DaemonLimits = TUNED_LIMITS
+    ) -> LibvirtHost:
         """Start a daemon in workdir (a fresh directory under /var/tmp by default) and probe KVM.
 
         The work directory belongs to the host from then on: stop() removes it. /var/tmp rather than the
@@ -146,7 +166,7 @@ class LibvirtHost:
             workdir = Path(tempfile.mkdtemp(prefix="vl-", dir="/var/tmp"))
         if len(str(workdir)) > _MAX_WORKDIR_LEN:
             raise LibvirtHostError(f"work directory {workdir} is too long for QEMU's monitor socket path")
-        host = cls(workdir, images, socket_perms=socket_perms)
+        host = cls(workdir, images, socket_perms=socket_perms, limits=limits)
         try:
             host._prepare()
             host._launch()
@@ -182,10 +202,7 @@ class LibvirtHost:
             directory.mkdir(mode=0o700, exist_ok=True)
             os.chown(directory, user.pw_uid, user.pw_gid)
         config = self._config_home / "libvirt"
-        template = Template((CONFIG_DIR / "libvirtd.conf.in").read_text())
-        (config / "libvirtd.conf").write_text(
-            template.substitute(log_file=self.daemon_log, socket_perms=f"{self.socket_perms:04o}")
-        )
+        self._write_daemon_config()
         shutil.copyfile(CONFIG_DIR / "qemu.conf", config / "qemu.conf")
         for source, target in zip(
             (self._source_images.kernel, self._source_images.coop_initrd, self._source_images.stubborn_initrd),
@@ -198,6 +215,17 @@ class LibvirtHost:
             except OSError:
                 shutil.copyfile(source, target)
                 target.chmod(0o644)
+
+    def _write_daemon_config(self) -> None:
+        template = Template((CONFIG_DIR / "libvirtd.conf.in").read_text())
+        (self._config_home / "libvirt" / "libvirtd.conf").write_text(
+            template.substitute(
+                log_file=self.daemon_log,
+                socket_perms=f"{self.socket_perms:04o}",
+                max_workers=self.limits.max_workers,
+                max_client_requests=self.limits.max_client_requests,
+            )
+        )
 
     def _launch(self) -> None:
         """Have the bed's reaper run libvirtd as the daemon user, starting the reaper on the first call.
@@ -340,10 +368,14 @@ class LibvirtHost:
             raise LibvirtHostError(f"libvirtd (pid {self._daemon_pid}) is already running")
         self._launch()
 
-    def restart_daemon(self) -> None:
+    def restart_daemon(self, limits: DaemonLimits | None = None) -> None:
         """Stop libvirtd and start a new one with the guests left running: the new daemon must take over
-        guests it did not start, as after a libvirtd upgrade. Clients must reconnect (`connect()`)."""
+        guests it did not start, as after a libvirtd upgrade. Clients must reconnect (`connect()`).
+        With limits, the new daemon runs with those, as after an administrator's change of libvirtd.conf."""
         self.stop_daemon()
+        if limits is not None:
+            self.limits = limits
+            self._write_daemon_config()
         self.start_daemon()
 
     def _remove_domains(self, conn: libvirt.virConnect) -> None:

@@ -231,6 +231,7 @@ def vm_manifest(
     ignore_presses: int = 0,
     shutdown_delay: float = 0.0,
     poweroff_after: float | None = None,
+    poweroff_from: str = "ready",
     suspend_after: float | None = None,
     agent: str | None = None,
     domain: dict[str, Any] | None = None,
@@ -239,7 +240,9 @@ def vm_manifest(
 ) -> dict[str, Any]:
     """A VirtualMachine running one of the bed's guests: coop (ACPI-obedient), stubborn, or firmware-only.
 
-    priority and tolerations (Pod-shaped) set spec.priority and spec.tolerations, for node maintenance."""
+    poweroff_after (with poweroff_from) makes a coop guest power itself off unasked, S seconds after it is
+    ready or after a key press (see testbed.guests.coop_cmdline). priority and tolerations (Pod-shaped) set
+    spec.priority and spec.tolerations, for node maintenance."""
     images = libvirt.images
     guests: dict[str, dict[str, Any]] = {
         "coop": {
@@ -250,6 +253,7 @@ def vm_manifest(
                 ignore_presses=ignore_presses,
                 shutdown_delay=shutdown_delay,
                 poweroff_after=poweroff_after,
+                poweroff_from=poweroff_from,
                 suspend_after=suspend_after,
                 agent=agent or "absent",
             ),

@@ -8,13 +8,16 @@ later points at the operator, not at the bed. The last ones prove the same of th
 
 from __future__ import annotations
 
+import re
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 
+from testbed.guests import coop_cmdline
 from testbed.libvirthost import LibvirtHost
 from testbed.processes import alive
 from testbed.pytest_libvirt import GuestFactory
@@ -161,6 +164,98 @@ def test_firmware_guest_ignores_acpi_and_stops_on_destroy(guest_factory: GuestFa
     _assert_keeps_running(dom, HOLD_SECONDS + 1.0, during=press_every_half_second)
 
     _destroy(dom)
+
+
+# ---- a guest that powers itself off unasked
+
+POWEROFF_AFTER = 3.0
+KEY_SPACE = 57
+"""A Linux key code (input-event-codes.h), as virDomainSendKey takes it with VIR_KEYCODE_SET_LINUX."""
+
+CoopFactory = Callable[..., libvirt.virDomain]
+
+
+@pytest.fixture
+def coop_with_knobs(libvirt_host: LibvirtHost, request: pytest.FixtureRequest) -> Iterator[CoopFactory]:
+    """Cooperative guests with any of coop_cmdline's knobs: the bed's own guest XML with the kernel command
+    line replaced (create_guest passes only some knobs), defined and started on a connection of the test's."""
+    conn = libvirt_host.connect()
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    names: list[str] = []
+
+    def create(**knobs: object) -> libvirt.virDomain:
+        name = f"{stem}-{len(names) + 1}"
+        names.append(name)
+        domain = ET.fromstring(libvirt_host.guest_xml(name, "coop"))
+        cmdline = domain.find("os/cmdline")
+        assert cmdline is not None
+        cmdline.text = coop_cmdline(**knobs)  # type: ignore[arg-type]
+        dom = conn.defineXML(ET.tostring(domain, encoding="unicode"))
+        dom.create()
+        return dom
+
+    try:
+        yield create
+    finally:
+        for name in names:
+            libvirt_host.remove_guest(name)
+        conn.close()
+
+
+def _uptime(console: str, line: str) -> float:
+    match = re.search(rf"^{line}.* uptime=([0-9.]+) ", console, re.M)
+    assert match, f"no '{line} ... uptime=' on the console:\n{console}"
+    return float(match.group(1))
+
+
+def test_poweroff_after_powers_the_coop_guest_off_by_itself(
+    libvirt_host: LibvirtHost, coop_with_knobs: CoopFactory
+) -> None:
+    timed = coop_with_knobs(poweroff_after=POWEROFF_AFTER)
+    plain = coop_with_knobs()
+    libvirt_host.wait_guest_ready(timed.name())
+    ready_seen = time.monotonic()
+    libvirt_host.wait_guest_ready(plain.name())
+
+    wait_until(
+        lambda: _state(timed)[0] == libvirt.VIR_DOMAIN_SHUTOFF,
+        timeout=POWEROFF_AFTER + STOP_TIMEOUT,
+        message=lambda: f"{timed.name()} still in state {_state(timed)}",
+    )
+    stopped_seen = time.monotonic() - ready_seen
+
+    assert _state(timed) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
+    console = libvirt_host.console_log(timed.name())
+    # the guest's own clock says how long it waited; the host's polls only bound it from above
+    waited = _uptime(console, "GUEST-POWEROFF by itself") - _uptime(console, "GUEST-READY")
+    assert POWEROFF_AFTER <= waited < POWEROFF_AFTER + 1.0, console
+    assert stopped_seen > POWEROFF_AFTER - 1.0, f"stopped {stopped_seen:.3f}s after its GUEST-READY was seen"
+    _assert_keeps_running(plain, HOLD_SECONDS)
+    assert "GUEST-POWEROFF" not in libvirt_host.console_log(plain.name())
+    print(f"poweroff_after={POWEROFF_AFTER}: GUEST-READY to GUEST-POWEROFF {waited:.3f}s in the guest")
+
+
+def test_poweroff_from_key_waits_for_a_key_press(libvirt_host: LibvirtHost, coop_with_knobs: CoopFactory) -> None:
+    """poweroff_from="key": the timer waits for a key, however long that takes, then runs as before."""
+    dom = coop_with_knobs(poweroff_after=1.0, poweroff_from="key")
+    libvirt_host.wait_guest_ready(dom.name())
+
+    _assert_keeps_running(dom, HOLD_SECONDS)
+    sent = time.monotonic()
+    dom.sendKey(libvirt.VIR_KEYCODE_SET_LINUX, 0, [KEY_SPACE], 1, 0)
+    wait_until(
+        lambda: _state(dom)[0] == libvirt.VIR_DOMAIN_SHUTOFF,
+        timeout=STOP_TIMEOUT,
+        message=lambda: f"{dom.name()} still in state {_state(dom)}",
+    )
+    latency = time.monotonic() - sent
+
+    assert _state(dom) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
+    console = libvirt_host.console_log(dom.name())
+    waited = _uptime(console, "GUEST-POWEROFF by itself") - _uptime(console, "GUEST-POWEROFF-KEY")
+    assert 1.0 <= waited < 2.0, console
+    assert latency >= 1.0
+    print(f"key press to shut off: {latency:.3f}s (1 s of it the guest's timer)")
 
 
 # ---- the daemon restarted under the guests
