@@ -124,3 +124,54 @@ def test_connection_failures_are_told_from_request_failures(
     code: int, domain: int, alive: bool | None, connection: bool
 ) -> None:
     assert is_connection_error(_error(code, domain), _Conn(alive)) is connection  # type: ignore[arg-type]
+
+
+def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_called_off() -> None:
+    async def scenario() -> None:
+        connected = asyncio.Event()
+        hypervisor = Hypervisor("test:///default")
+        hypervisor.listen(on_domain_event=lambda _n: None, on_connection_change=lambda up: up and connected.set())
+        await hypervisor.open()
+        try:
+            await asyncio.wait_for(connected.wait(), timeout=5)
+            host = domainxml.HostDefaults(virt_type="test")
+            nothing = ResolvedStorage(kernel=None, initrd=None, disks=())
+            uids = [str(uuid.uuid4()) for _ in range(3)]
+            for uid in uids:
+                xml = domainxml.build(
+                    name=f"ns_{uid[:8]}",
+                    namespace="ns",
+                    vm_name=uid[:8],
+                    uid=uid,
+                    spec=DomainSpec(memoryMiB=16),
+                    host=host,
+                    storage=nothing,
+                )
+                await hypervisor.define(xml)
+                await hypervisor.start_domain(uid)
+
+            async def state(uid: str) -> DomainState:
+                domain = await hypervisor.observe(f"ns_{uid[:8]}")
+                assert domain is not None
+                return domain.state
+
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            abort = asyncio.Event()
+            armed = [asyncio.create_task(hypervisor.force_off(uid, delay=0.3)) for uid in uids[:2]]
+            called_off = asyncio.create_task(hypervisor.force_off(uids[2], delay=0.3, abort=abort))
+            await asyncio.sleep(0.1)
+            assert [await state(uid) for uid in uids] == [DomainState.RUNNING] * 3, "nothing sent before it is due"
+            abort.set()
+            assert await called_off is False
+            assert await asyncio.gather(*armed) == [True, True]
+            assert loop.time() - began >= 0.3
+            assert [await state(uid) for uid in uids] == [DomainState.STOPPED, DomainState.STOPPED, DomainState.RUNNING]
+            assert len(hypervisor._idle_forces) >= 2, "the two forces had connections of their own, kept for reuse"
+            for uid in uids:
+                await hypervisor.force_off(uid)
+                await hypervisor.undefine(uid)
+        finally:
+            await hypervisor.close()
+
+    asyncio.run(scenario())
