@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import agent, faults, maintenance, nova, report, scale, shutdown, storage, unasked
+from bench import agent, faults, maintenance, nova, plots, report, scale, shutdown, storage, unasked
 from bench.bed import Bed
 from bench.libvirt_guests import libvirt_guests_baseline
+from testbed.libvirthost import STOCK_LIMITS, TUNED_LIMITS
 from testbed.vmop import ROOT
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -40,7 +41,8 @@ SECTIONS = (
 
 @dataclass(frozen=True)
 class Sizes:
-    deadline_n: tuple[int, ...] = (1, 10, 30)
+    deadline_n: tuple[int, ...] = (1, 10, 30, 100)
+    deadline_alone: int = 30
     deadline_grace: int = 5
     deadline_retry: int = 1
     graceful_guests: int = 10
@@ -67,6 +69,7 @@ class Sizes:
 # For developing the bench itself: every path runs, in about two minutes.
 QUICK = Sizes(
     deadline_n=(1, 3),
+    deadline_alone=3,
     graceful_guests=2,
     parallel_coop=1,
     parallel_stubborn=3,
@@ -89,12 +92,18 @@ QUICK = Sizes(
 
 def _deadline(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
     results["deadline_overshoot"] = shutdown.deadline_overshoot(
-        bed, sizes.deadline_n, grace=sizes.deadline_grace, retry=sizes.deadline_retry
+        bed,
+        sizes.deadline_n,
+        grace=sizes.deadline_grace,
+        retry=sizes.deadline_retry,
+        limits=(("stock", STOCK_LIMITS), ("tuned", TUNED_LIMITS)),
+        alone=sizes.deadline_alone,
     )
     results["deadline_overshoot_settings"] = {
         "grace": sizes.deadline_grace,
         "retry_interval": sizes.deadline_retry,
         "guest": "firmware-only (ignores ACPI)",
+        "operator_libvirt_workers": "default (128)",
     }
 
 
@@ -227,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(ordered, indent=2) + "\n")
+    figures = plots.draw(ordered, output.parent)
     print()
     print(report.table(results))
-    print(f"\ntotal {results['run']['seconds']} s; results in {output}")
+    print(f"\ntotal {results['run']['seconds']} s; results in {output}; figures {', '.join(map(str, figures))}")
     if failed:
         print(f"sections that failed (see the traceback above): {', '.join(failed)}", file=sys.stderr)
         return 1

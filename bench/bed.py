@@ -28,7 +28,7 @@ from kubernetes import watch
 
 from controller.hypervisor import start_libvirt_event_loop
 from testbed.controlplane import ControlPlane
-from testbed.libvirthost import LibvirtHost
+from testbed.libvirthost import DaemonLimits, LibvirtHost
 from testbed.vmop import (
     GROUP,
     OPERATOR_ACCOUNT,
@@ -432,6 +432,15 @@ class Bed:
                 vms.delete(name)
 
         parallel(drop, [item["metadata"]["name"] for item in items])
+
+    def restart_libvirtd(self, limits: DaemonLimits) -> None:
+        """libvirtd again with these limits (no-op if it runs with them), and the listener on the new daemon.
+        Operators reconnect by themselves; start a section's operator after this anyway."""
+        if self.libvirt.limits == limits:
+            return
+        self.listener.close()
+        self.libvirt.restart_daemon(limits)
+        self.listener = LifecycleListener(self.libvirt.uri)
 
     def remove_domains(self, prefix: str) -> None:
         conn = self.libvirt.connect()

@@ -6,14 +6,18 @@ for "the API says Stopped"), and deadlines from each VM's status, as a user woul
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import libvirt
+
 from bench.bed import Bed, parallel
-from bench.stats import summary
+from bench.stats import percentile, summary
+from testbed.libvirthost import DaemonLimits
 from testbed.vmop import parse_time, vm_manifest
 
 # Guest QEMU processes starting up compete with the operator for the 2 cores; a stop measured while
@@ -98,60 +102,137 @@ def end_section(bed: Bed, namespace: str) -> None:
     bed.remove_domains(f"{namespace}_")
 
 
-def deadline_overshoot(bed: Bed, sizes: Sequence[int], grace: int, retry: int) -> dict[str, Any]:
-    """N firmware-only guests (they ignore ACPI) stopped at once: when did each stop against its deadline?"""
-    namespace = bed.namespace("bench-deadline")
-    node = f"node-{namespace}"
-    operator = bed.operator(node)
-    policy = {"gracePeriodSeconds": grace, "retryIntervalSeconds": retry}
+def forced_summary(n: int, samples: Sequence[tuple[float, float]], grace: float | None, **extra: Any) -> dict[str, Any]:
+    """One N's forced stops: (SIGTERM, STOPPED) per VM, seconds relative to its deadline.
+
+    SIGTERM is the headline: libvirt reports STOPPED only at its next 200 ms poll after the signal, so a
+    SIGTERM sent up to 200 ms early would hide behind a STOPPED after the deadline.
+    """
+    sigterms = [s for s, _ in samples]
+    stops = [t for _, t in samples]
+    return {
+        "n": n,
+        "measured": len(samples),
+        "early_sigterm": sum(1 for s in sigterms if s < 0),
+        "early_stopped": sum(1 for t in stops if t < 0),
+        "sigterm": summary(sigterms),
+        "stopped": summary(stops),
+        "overshoot_pct_of_grace": {
+            "p99": round(percentile(stops, 99) / grace * 100, 2) if stops and grace else None,
+            "max": round(max(stops) / grace * 100, 2) if stops and grace else None,
+        },
+        **extra,
+        "samples": [{"sigterm": round(s, 4), "stopped": round(t, 4)} for s, t in samples],
+    }
+
+
+def vmop_force_round(bed: Bed, namespace: str, node: str, n: int, *, grace: int, retry: int) -> dict[str, Any]:
+    """N firmware-only guests (they ignore ACPI) created through vmop and set to Stopped at once: when did
+    each get its SIGTERM (QEMU's log) and stop (the listener) against the deadline in its status?"""
+    names = [f"fw{n}-{i:03d}" for i in range(n)]
+    start_vms(
+        bed,
+        namespace,
+        node=node,
+        kinds=dict.fromkeys(names, "firmware"),
+        policy={"gracePeriodSeconds": grace, "retryIntervalSeconds": retry},
+        watch_timeout=60 + 2 * n,
+    )
+    time.sleep(SETTLE_SECONDS)
     vms = bed.vms(namespace)
-    results: dict[str, Any] = {}
+    vm_watch = bed.watch(namespace)
+    since = _stop_all(bed, namespace, names)
+    stops = bed.listener.wait_stopped([domain_name(namespace, x) for x in names], since, grace + 30)
     try:
-        for n in sizes:
-            names = [f"fw{n}-{i:02d}" for i in range(n)]
-            start_vms(
-                bed,
-                namespace,
-                node=node,
-                kinds=dict.fromkeys(names, "firmware"),
-                policy=policy,
-                watch_timeout=60 + 2 * n,
-            )
-            time.sleep(SETTLE_SECONDS)
-            vm_watch = bed.watch(namespace)
-            since = _stop_all(bed, namespace, names)
-            stops = bed.listener.wait_stopped([domain_name(namespace, x) for x in names], since, grace + 30)
-            try:
-                vm_watch.wait_all([x for x in names if domain_name(namespace, x) in stops], "Stopped", timeout=30)
-            finally:
-                vm_watch.stop()
-            overshoots, operator_share, libvirt_share = [], [], []
-            for name in names:
-                domain = domain_name(namespace, name)
-                stopped = stops.get(domain)
-                body = vms.get(name) or {}
-                deadline = ((body.get("status") or {}).get("shutdown") or {}).get("deadline")
-                if stopped is None or not deadline:
-                    continue
-                at = parse_time(deadline).timestamp()
-                overshoots.append(stopped - at)
-                sigterm = sigterm_time(bed, domain, since)
-                if sigterm is not None:
-                    operator_share.append(sigterm - at)
-                    libvirt_share.append(stopped - sigterm)
-            results[str(n)] = {
-                **summary(overshoots),
-                "forced_before_deadline": sum(1 for o in overshoots if o < 0),
-                "n": n,
-                "measured": len(overshoots),
-                "min": round(min(overshoots), 4) if overshoots else None,
-                "deadline_to_sigterm": summary(operator_share),
-                "sigterm_to_stopped": summary(libvirt_share),
-            }
-            print(f"  deadline N={n}: {results[str(n)]}", flush=True)
+        vm_watch.wait_all([x for x in names if domain_name(namespace, x) in stops], "Stopped", timeout=60)
     finally:
-        operator.stop()
-        end_section(bed, namespace)
+        vm_watch.stop()
+    samples, attempts, outcomes, deadlines = [], [], [], []
+    for name in names:
+        domain = domain_name(namespace, name)
+        shutdown = ((vms.get(name) or {}).get("status") or {}).get("shutdown") or {}
+        stopped = stops.get(domain)
+        sigterm = sigterm_time(bed, domain, since)
+        if not shutdown.get("deadline") or stopped is None or sigterm is None:
+            continue
+        deadline = parse_time(shutdown["deadline"]).timestamp()
+        deadlines.append(deadline)
+        samples.append((sigterm - deadline, stopped - deadline))
+        attempts.append(int(shutdown.get("attempts") or 0))
+        outcomes.append(shutdown.get("outcome"))
+    result = forced_summary(
+        n,
+        samples,
+        grace,
+        requests_sent=sum(attempts),
+        forced=sum(1 for o in outcomes if o == "Forced"),
+        deadlines_spread=round(max(deadlines) - min(deadlines), 4) if deadlines else None,
+    )
+    print(f"  vmop N={n}: { {k: v for k, v in result.items() if k != 'samples'} }", flush=True)
+    return result
+
+
+def libvirt_alone(bed: Bed, n: int, label: str) -> dict[str, Any]:
+    """The floor under any operator: n guests defined straight on libvirt and destroyed (gracefully, as vmop
+    does) at one instant, each from its own thread and connection, by the bench itself. The "deadline" is
+    that instant: what comes after it is libvirt's and the machine's."""
+    names = [f"bench-alone-{label}-{i:03d}" for i in range(n)]
+    conns: list[libvirt.virConnect] = []
+    try:
+        parallel(lambda name: bed.libvirt.create_guest(name, "firmware"), names, threads=8)
+        time.sleep(SETTLE_SECONDS)
+        conns = [libvirt.open(bed.libvirt.uri) for _ in names]
+        domains = [conn.lookupByName(name) for conn, name in zip(conns, names, strict=True)]
+        instant = time.time() + 1.0
+
+        def destroy(domain: libvirt.virDomain) -> None:
+            time.sleep(max(0.0, instant - time.time()))
+            domain.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+
+        parallel(destroy, domains, threads=n)
+        stops = bed.listener.wait_stopped(names, instant - 1, 30)
+        samples = [
+            (sigterm - instant, stops[name] - instant)
+            for name in names
+            if name in stops and (sigterm := sigterm_time(bed, name, instant - 1)) is not None
+        ]
+        result = forced_summary(n, samples, None)
+        print(f"  libvirt alone, {n} destroys at once: { {k: v for k, v in result.items() if k != 'samples'} }")
+        return result
+    finally:
+        for conn in conns:
+            conn.close()
+        bed.remove_domains(f"bench-alone-{label}-")
+
+
+def deadline_overshoot(
+    bed: Bed,
+    sizes: Sequence[int],
+    *,
+    grace: int,
+    retry: int,
+    limits: Sequence[tuple[str, DaemonLimits]],
+    alone: int,
+) -> dict[str, Any]:
+    """For each libvirtd configuration (the daemon restarted with it), `alone` destroys at one instant without
+    vmop (libvirt_alone), then N stubborn guests stopped through vmop, for each N."""
+    results: dict[str, Any] = {}
+    for label, daemon_limits in limits:
+        bed.restart_libvirtd(daemon_limits)
+        namespace = bed.namespace(f"bench-deadline-{label}")
+        node = f"node-{namespace}"
+        operator = bed.operator(node)
+        results[label] = {
+            "libvirtd": dataclasses.asdict(daemon_limits),
+            "libvirt_alone": libvirt_alone(bed, alone, label),
+        }
+        try:
+            for n in sizes:
+                print(f"  libvirtd {label} {daemon_limits}:", flush=True)
+                results[label][str(n)] = vmop_force_round(bed, namespace, node, n, grace=grace, retry=retry)
+        finally:
+            operator.stop()
+            end_section(bed, namespace)
     return results
 
 
