@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only: no display on a build machine
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 _STYLES = {
     ("SIGTERM", 0): {"color": "tab:blue", "linestyle": "-"},
@@ -55,6 +56,21 @@ def _compare(
         axes.text(0.98, 0.04, note, transform=axes.transAxes, ha="right", fontsize=7)
 
 
+def _save(figure: Figure, title: str, path: Path) -> Path:
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _save_row(figure: Figure, row: Sequence[Axes], title: str, path: Path) -> Path:
+    """A row of ECDF panels sharing their y axis: labelled once, with the legend in the last."""
+    row[0].set_ylabel("share of VMs", fontsize=8)
+    row[-1].legend(fontsize=7, loc="center right")
+    return _save(figure, title, path)
+
+
 def deadline_figure(deadline: dict[str, Any], path: Path) -> Path | None:
     """One panel per N: the operator's SIGTERM and libvirt's STOPPED, tuned libvirtd beside stock."""
     tuned, stock = deadline.get("tuned") or {}, deadline.get("stock") or {}
@@ -73,13 +89,9 @@ def deadline_figure(deadline: dict[str, Any], path: Path) -> Path | None:
             f"libvirt alone, {n_alone} destroys at one instant",
             [("tuned", alone[0]), ("stock", alone[1])],
         )
-    panels[0][0].set_ylabel("share of VMs", fontsize=8)
-    panels[0][-1].legend(fontsize=7, loc="center right")
-    figure.suptitle("vmop's forced stops against their deadline: tuned vs stock libvirtd limits", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_row(
+        figure, panels[0], "vmop's forced stops against their deadline: tuned vs stock libvirtd limits", path
+    )
 
 
 def nova_figure(nova: dict[str, Any], path: Path) -> Path | None:
@@ -97,13 +109,7 @@ def nova_figure(nova: dict[str, Any], path: Path) -> Path | None:
             [("vmop", ours.get(n)), ("Nova _clean_shutdown", baseline.get(n))],
             note="50% of the grace would be x = " + (f"{grace / 2:.0f} s" if grace else "?"),
         )
-    panels[0][0].set_ylabel("share of VMs", fontsize=8)
-    panels[0][-1].legend(fontsize=7, loc="center right")
-    figure.suptitle("Nova's counted sleeps vs vmop's deadline: SIGTERM and STOPPED", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_row(figure, panels[0], "Nova's counted sleeps vs vmop's deadline: SIGTERM and STOPPED", path)
 
 
 def scale_figure(timelines: dict[str, Sequence[float]], path: Path) -> Path | None:
@@ -119,11 +125,7 @@ def scale_figure(timelines: dict[str, Sequence[float]], path: Path) -> Path | No
     axes.tick_params(labelsize=7)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    figure.suptitle("Convergence at scale (libvirt's test driver)", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, "Convergence at scale (libvirt's test driver)", path)
 
 
 def _timelines(results: dict[str, Any]) -> dict[str, Sequence[float]]:
