@@ -25,6 +25,12 @@ the bridge is gone they would follow the default route off the machine (and time
 What remains machine-wide: kube-proxy's nftables tables, whose names are fixed ("kube-proxy" in ip and ip6),
 and the kubelet's pod cgroups (under a cgroup root named after the node). One node per machine, then: a lock
 in the cache directory says which bed has it.
+
+A bed that is killed (SIGKILL, a session that ends under it) loses its processes, which die with it, but not
+what the kernel keeps: the tables, the bridge, the cgroups, the mount points, the work dir. The lock file
+therefore holds a record of what the node has made on the machine, and stop() empties it; the next
+Node.create() that finds a record in a lock nobody holds clears what it lists, once no process of that node
+is left. Without that, one killed run would fail every later run on the machine with "another kube-proxy".
 """
 
 from __future__ import annotations
@@ -290,6 +296,14 @@ def _nft_tables() -> set[str]:
     return {line.removeprefix("table ").strip() for line in lines if line.startswith("table ")}
 
 
+def _quietly(check: Callable[[Path], bool], proc: Path) -> bool:
+    """check(proc), False if the process went away meanwhile (or was never readable)."""
+    try:
+        return check(proc)
+    except (OSError, ValueError):
+        return False
+
+
 def _cgroup_hierarchies() -> list[Path]:
     """Every cgroup file system mounted under /sys/fs/cgroup (v1 hierarchies and a v2 one, if any)."""
     found = []
@@ -324,7 +338,11 @@ def _overlay_works(directory: Path) -> bool:
 
 
 class _Lock:
-    """The machine's one node slot: kube-proxy's nftables tables have fixed names, so two nodes would fight."""
+    """The machine's one node slot: kube-proxy's nftables tables have fixed names, so two nodes would fight.
+
+    The file holds the holder's record (JSON, see Node._record) while it is held; a record found by the
+    next holder is what a killed bed left behind (`dead`).
+    """
 
     def __init__(self) -> None:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -339,11 +357,18 @@ class _Lock:
                 f"another test-bed node runs on this machine ({holder}; lock {LOCK_FILE}): only one node per "
                 "machine, since kube-proxy's nftables tables have fixed names"
             ) from None
+        self._file.seek(0)
+        left = self._file.read().strip()
+        try:
+            self.dead: dict[str, Any] | None = json.loads(left) if left else None
+        except json.JSONDecodeError:
+            self.dead = None
+            print(f"{LOCK_FILE} held {left!r}, not a node record: nothing to clear", file=sys.stderr)
 
-    def record(self, workdir: Path) -> None:
-        """Say who holds the slot, for the message another bed gets."""
+    def record(self, record: dict[str, Any]) -> None:
+        """Say who holds the slot and what it has made, for another bed's message and for clearing."""
         self._file.truncate(0)
-        self._file.write(f"pid {os.getpid()}, work dir {workdir}\n")
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def release(self) -> None:
@@ -367,6 +392,7 @@ class Node:
         self._lock = lock
         self._cgroup_root = f"vmop-{suffix}"
         self._made_dirs: list[Path] = []
+        self._adopted: list[Path] = []
         self._reapers: dict[str, Reaper] = {}
         self._pids: set[int] = set()
         self._mount_ns: int | None = None
@@ -386,6 +412,12 @@ class Node:
         10.244.0.0/16, the host at .1); nothing runs yet. workdir (a new directory by default) belongs to
         the node from then on and is deleted by stop()."""
         lock = _Lock()
+        try:
+            if lock.dead is not None:
+                cls._clear_dead(lock, lock.dead)
+        except BaseException:
+            lock.release()
+            raise
         suffix = secrets.token_hex(2)  # short: a bridge name has at most 15 characters
         try:
             subnet = _pick_subnet()
@@ -393,8 +425,8 @@ class Node:
                 workdir = Path(tempfile.mkdtemp(prefix=f"vmop-node-{suffix}-", dir="/var/tmp"))
             else:
                 workdir.mkdir(parents=True, exist_ok=True)
-            lock.record(workdir)
             node = cls(workdir, lock, subnet, suffix)
+            node._record()
         except BaseException:
             lock.release()
             raise
@@ -406,6 +438,49 @@ class Node:
             node.stop(keep_logs=True)
             raise
         return node
+
+    def _record(self) -> None:
+        """Written before each thing is made, so that a bed killed at any point leaves a record of it all."""
+        self._lock.record(
+            {
+                "pid": os.getpid(),
+                "workdir": str(self.workdir),
+                "subnet": str(self.subnet),
+                "suffix": self.name.removeprefix("vmop-node-"),
+                "made_dirs": [str(d) for d in self._made_dirs],
+                "adopted": [str(p) for p in self._adopted],
+                "tables": self._tables_ours,
+            }
+        )
+
+    @classmethod
+    def _clear_dead(cls, lock: _Lock, record: dict[str, Any]) -> None:
+        """Clear what the node of a killed bed left, as stop() would have; refuse while any of its processes
+        lives (they die with the bed, but a reaper that was itself killed leaves its daemon running)."""
+        dead = cls(Path(record["workdir"]), lock, ipaddress.IPv4Network(record["subnet"]), record["suffix"])
+        dead._made_dirs = [Path(d) for d in record["made_dirs"]]
+        dead._adopted = [Path(p) for p in record["adopted"]]
+        dead._tables_ours = bool(record["tables"])
+        remaining = [proc.name for proc in dead._processes()]
+        if remaining:
+            raise NodeError(
+                f"node {dead.name} of a bed that died (pid {record['pid']}) still has processes {', '.join(remaining)}:"
+                f" stop them by PID, and the next bed clears the rest (record in {LOCK_FILE})"
+            )
+        left = dead.leftovers()
+        dead._clear_machine()
+        shutil.rmtree(dead.workdir, ignore_errors=True)
+        print(
+            f"node {dead.name} of a bed that died (pid {record['pid']}) had left: {'; '.join(left) or 'nothing'};"
+            f" cleared, and now left: {'; '.join(dead.leftovers()) or 'nothing'}",
+            file=sys.stderr,
+        )
+
+    def adopt(self, path: Path) -> None:
+        """path, a directory made on the machine for the node's pods (a hostPath the kubelet created), goes
+        with the node: at stop(), or when the next bed clears a killed one."""
+        self._adopted.append(path)
+        self._record()
 
     def __enter__(self) -> Node:
         return self
@@ -439,8 +514,9 @@ class Node:
         self._make_cgroup_root()
         for fixed in map(Path, _FIXED_DIRS):
             if not fixed.exists():
-                fixed.mkdir(parents=True)
                 self._made_dirs.append(fixed)
+                self._record()
+                fixed.mkdir(parents=True)
         if not _overlay_works(self.workdir / "overlay-probe"):
             self.snapshotter = "native"
         self._start_containerd(timeout)
@@ -663,6 +739,7 @@ disabled_plugins = [
     def _start_proxy(self, cp: ControlPlane, timeout: float) -> None:
         healthz, metrics = free_ports(2)
         self._tables_ours = True
+        self._record()
         self._daemon(
             "kube-proxy",
             [
@@ -718,16 +795,10 @@ disabled_plugins = [
             else:
                 if killed:
                     print(f"node {self.name}: killed what {name} left behind: {killed}", file=sys.stderr)
-            if name == "kube-proxy" and self._tables_ours:
-                for family, table in _PROXY_TABLES:
-                    if _nft_table_exists(family, table):
-                        _run(["nft", "delete", "table", family, table], check=False)
+            if name == "kube-proxy":
+                self._delete_tables()
         self._stopped_at = int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
-        self._remove_cgroups()
-        for directory in reversed(self._made_dirs):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        self._remove_bridge()
+        self._clear_machine()
         kept: Path | None = None
         if keep_logs:
             kept = logs_dest or Path(tempfile.mkdtemp(prefix="vmop-node-logs-"))
@@ -736,6 +807,23 @@ disabled_plugins = [
         shutil.rmtree(self.workdir, ignore_errors=True)
         self._lock.release()
         return kept
+
+    def _delete_tables(self) -> None:
+        if self._tables_ours:
+            for family, table in _PROXY_TABLES:
+                if _nft_table_exists(family, table):
+                    _run(["nft", "delete", "table", family, table], check=False)
+
+    def _clear_machine(self) -> None:
+        """What the kernel keeps of the node once its processes are gone, but the work dir."""
+        self._delete_tables()
+        self._remove_cgroups()
+        for directory in reversed(self._made_dirs):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        for path in self._adopted:
+            shutil.rmtree(path, ignore_errors=True)
+        self._remove_bridge()
 
     def _remove_cgroups(self) -> None:
         """Bottom-up, and retried for a moment: a killed task leaves its cgroup only once it is reaped."""
@@ -780,6 +868,10 @@ disabled_plugins = [
         started = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[19])
         return self._stopped_at is None or started <= self._stopped_at
 
+    def _processes(self) -> list[Path]:
+        """The /proc entries of this node's processes still running."""
+        return [proc for proc in Path("/proc").iterdir() if proc.name.isdigit() and _quietly(self._is_ours, proc)]
+
     def leftovers(self) -> list[str]:
         """What of this node is still on the machine; empty after a clean stop(), which is what tests check."""
         found: list[str] = []
@@ -788,17 +880,18 @@ disabled_plugins = [
         for pid in sorted(self._pids):
             if alive(pid):
                 found.append(f"process {pid}")
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                if proc.name.isdigit() and self._is_ours(proc):
-                    found.append(f"process {proc.name}: {(proc / 'cmdline').read_bytes().replace(bytes(1), b' ')!r}")
+        for proc in self._processes():
+            with contextlib.suppress(OSError):
+                found.append(f"process {proc.name}: {(proc / 'cmdline').read_bytes().replace(bytes(1), b' ')!r}")
         found += [f"cgroup {h / self._cgroup_root}" for h in _cgroup_hierarchies() if (h / self._cgroup_root).exists()]
-        found += [f"directory {d}" for d in self._made_dirs if d.exists()]
+        found += [f"directory {d}" for d in [*self._made_dirs, *self._adopted] if d.exists()]
         if self.workdir.exists():
             found.append(f"work dir {self.workdir}")
         if self._mount_ns is not None:
             # another program's new table would show here too, but nothing else on a test machine makes tables
             found += [f"nftables table {table}" for table in sorted(_nft_tables() - self._tables_before)]
+        elif self._tables_ours:  # a killed bed's node: its tables are whatever kube-proxy's are
+            found += [f"nftables table {f} {t}" for f, t in _PROXY_TABLES if _nft_table_exists(f, t)]
         mounts = Path("/proc/self/mountinfo").read_text()
         if str(self.workdir) in mounts:
             found.append(f"mounts under {self.workdir}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from testbed.vmop import ROOT, Vms, vm_manifest
 
 RESULTS = ROOT / "test-logs" / "deployed.jsonl"
 # The DaemonSet's node-lock directory, a hostPath the kubelet creates on the host (the overlay keeps it: it
-# is the same on every host); the bed removes what the kubelet made.
+# is the same on every host); when the kubelet made it, it goes with the node.
 NODE_LOCK_DIR = Path("/var/run/vmop")
 
 
@@ -77,7 +76,8 @@ def deployed(
     cluster.node.import_image(image.archive)
     overlay = write_overlay(tmp_path_factory.mktemp("overlay"), image=image.name, libvirt=pod_libvirt)
     vmop = DeployedVmop(cluster.control_plane, ROOT / "test-logs" / "deployed")
-    lock_dir_existed = NODE_LOCK_DIR.exists()
+    if not NODE_LOCK_DIR.exists():
+        cluster.node.adopt(NODE_LOCK_DIR)
     started = time.monotonic()
     vmop.apply(overlay)
     vmop.ready_pod()
@@ -86,9 +86,6 @@ def deployed(
         yield Deployment(vmop, overlay, cluster, pod_libvirt)
     finally:
         vmop.close()
-        if not lock_dir_existed:
-            # The pod may still hold the lock: an unlinked file's flock harms no one, and the node stops next.
-            shutil.rmtree(NODE_LOCK_DIR, ignore_errors=True)
 
 
 @dataclass

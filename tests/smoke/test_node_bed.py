@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes.client
@@ -19,6 +23,7 @@ from kubernetes.client import V1Namespace, V1ObjectMeta
 from testbed.controlplane import KUBERNETES_SERVICE_IP, ControlPlane
 from testbed.node import BUSYBOX_IMAGE, ImageFile, Node, busybox_files, busybox_image, image_archive
 from testbed.pytest_node import Cluster
+from testbed.vmop import ROOT
 from testbed.wait import wait_until
 
 _MARKER = "vmop-node-bed-says-hello"
@@ -119,8 +124,8 @@ def _processes_mentioning(text: str) -> list[str]:
 
 @pytest.mark.own_node
 def test_a_stopped_node_leaves_nothing_behind() -> None:
+    node = Node.create()  # which may clear a killed bed's node first: after it, the machine is as the node finds it
     before = _machine_state()
-    node = Node.create()
     cp: ControlPlane | None = None
     try:
         cp = ControlPlane.start(address=node.ip, cluster=True)
@@ -148,6 +153,50 @@ def test_a_stopped_node_leaves_nothing_behind() -> None:
     assert not Path(f"/sys/class/net/{node.bridge}").exists()
     assert _processes_mentioning(str(node.workdir)) == []
     assert not node.workdir.exists()
+    assert _machine_state() == before
+
+
+_KILLED_BED = """
+import json, time
+from testbed.controlplane import ControlPlane
+from testbed.node import Node
+node = Node.create()
+cp = ControlPlane.start(address=node.ip, cluster=True)
+node.start(cp)
+print(json.dumps({"workdir": str(node.workdir), "bridge": node.bridge, "control_plane": str(cp.workdir)}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.own_node
+def test_the_node_of_a_killed_bed_is_cleared_by_the_next_node() -> None:
+    """A session that ends under a running bed kills it: its processes die with it, its tables, bridge,
+    cgroups and mount points stay. The next bed must not then fail with "another kube-proxy runs here"."""
+    Node.create().stop()  # clears whatever a bed killed before this test left, so that `before` is clean
+    before = _machine_state()
+    bed = subprocess.Popen([sys.executable, "-c", _KILLED_BED], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert bed.stdout is not None
+        ready, _, _ = select.select([bed.stdout], [], [], 180)
+        line = bed.stdout.readline() if ready else ""
+    finally:
+        os.kill(bed.pid, signal.SIGKILL)
+        bed.wait(timeout=30)
+    assert line, "the bed did not start its node within 180 s"
+    killed = json.loads(line)
+    shutil.rmtree(killed["control_plane"], ignore_errors=True)  # its processes died with the bed; not the node's
+    wait_until(
+        lambda: not _processes_mentioning(killed["workdir"]),
+        timeout=30,
+        message="the killed bed's node processes did not die with it",
+    )
+    assert _machine_state() != before, "the killed bed left nothing: this test would pass without the clearing"
+    assert Path(f"/sys/class/net/{killed['bridge']}").exists()
+
+    Node.create().stop()
+
+    assert not Path(f"/sys/class/net/{killed['bridge']}").exists()
+    assert not Path(killed["workdir"]).exists()
     assert _machine_state() == before
 
 
