@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -69,6 +70,7 @@ async def run(settings: Settings, configuration: client.Configuration) -> None:
             workers=settings.libvirt_workers,
             agent_timeout=settings.agent_timeout,
             graceful_destroy_timeout=settings.graceful_destroy_timeout,
+            on_action=lambda action: metrics.libvirt_actions.labels(action).inc(),
         ),
         events=EventRecorder(
             client.CoreV1Api(client.ApiClient(configuration)),
@@ -125,9 +127,20 @@ async def _standby_health(port: int) -> web.AppRunner:
     return runner
 
 
+def tune_garbage_collection() -> None:
+    """The operator holds thousands of long-lived objects per VM (its worker, the object, the decided
+    status), and CPython's default thresholds (700, 10, 10) walk them over and over: with 3,000 VMs starting,
+    a fifth of the operator's CPU went to the cycle collector. What was imported and built at start is
+    frozen (never walked again), and the young generation is collected every 10,000 allocations, the older
+    ones every 20 of those. Memory is freed by reference counting as before; only cycles wait longer."""
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = from_args(argv)
     configure_logging(settings.log_format, settings.log_level)
+    tune_garbage_collection()
     logging.getLogger("vmop").info(
         "vmop starting for node %s on %s", settings.node_name, settings.libvirt_uri, extra={"node": settings.node_name}
     )

@@ -76,6 +76,9 @@ _IDLE_FORCE_CONNECTIONS = 16
 # How long a lost connection is tried again every 0.25 s before the retries back off.
 _FAST_RECONNECT_SECONDS = 10.0
 
+# How long node_memory keeps what it read of a running domain (see there).
+_MEMORY_REREAD = 10.0
+
 # As many agent calls at once as libvirtd serves on one connection by default (max_client_requests).
 _AGENT_THREADS = 5
 
@@ -171,8 +174,12 @@ class Hypervisor:
         agent_timeout: float = 5.0,
         graceful_destroy_timeout: float = 5.0,
         reconnect_max_backoff: float = 30.0,
+        on_action: Callable[[str], None] = lambda _action: None,
     ) -> None:
+        """on_action(name) is told of every call that changes a domain, before it is made (see
+        metrics.LIBVIRT_ACTIONS for the names)."""
         self.uri = uri
+        self._on_action = on_action
         self._on_domain_event: Callable[[str], None] = lambda _name: None
         self._on_connection_change: Callable[[bool], None] = lambda _up: None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
@@ -196,6 +203,10 @@ class Hypervisor:
         self._lost = asyncio.Event()
         self._up = asyncio.Event()
         self._reconnector: asyncio.Task[None] | None = None
+        # node_memory's view of the running domains: (uuid, maximum MiB) by domain ID, on which connection.
+        self._memory_by_id: dict[int, tuple[str, int]] = {}
+        self._memory_conn: Any = None
+        self._memory_reread_at = 0.0
 
     def listen(self, *, on_domain_event: Callable[[str], None], on_connection_change: Callable[[bool], None]) -> None:
         """Who hears of domain lifecycle events (by domain name) and of the connection going up or down."""
@@ -441,41 +452,62 @@ class Hypervisor:
                 libvirt.VIR_DOMAIN_AFFECT_LIVE,
             )
 
+        self._on_action("set_shutdown_mark")
         await self._call(f"marking the stop of {uuid}", write)
 
     async def node_memory(self) -> tuple[int, dict[str, int]]:
         """The node's physical memory and what each running domain may hold (its maximum), in MiB.
 
         Every running domain counts, vmop's or not: the kernel's OOM killer does not ask whose QEMU it is.
+
+        A thousand VMs starting at once ask this back to back, so a read looks up only the domains that
+        started since the last one: a running domain is known by its ID, which libvirt gives each start
+        anew, and its maximum is kept with the ID. Everything is read afresh on a new connection and every
+        _MEMORY_REREAD seconds (a memory device hot-plugged into a running domain raises its maximum).
         """
 
         def read(conn: Any) -> tuple[int, dict[str, int]]:
             total_mib = int(conn.getInfo()[1])
-            running = {}
-            for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                try:
-                    running[domain.UUIDString()] = math.ceil(domain.maxMemory() / 1024)
-                except libvirt.libvirtError as error:
-                    if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # it stopped (transient) meanwhile
-                        raise
-            return total_mib, running
+            now = time.monotonic()
+            known = self._memory_by_id if self._memory_conn is conn and now < self._memory_reread_at else {}
+            if not known:
+                self._memory_reread_at = now + _MEMORY_REREAD
+            seen: dict[int, tuple[str, int]] = {}
+            for domain_id in conn.listDomainsID():
+                entry = known.get(domain_id)
+                if entry is None:
+                    try:
+                        domain = conn.lookupByID(domain_id)
+                        entry = (domain.UUIDString(), math.ceil(domain.maxMemory() / 1024))
+                    except libvirt.libvirtError as error:
+                        if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # stopped since the listing
+                            raise
+                        continue
+                seen[domain_id] = entry
+            self._memory_by_id, self._memory_conn = seen, conn
+            return total_mib, dict(seen.values())
 
         return await self._call("reading the node's memory", read)
 
     async def define(self, xml: str) -> None:
+        self._on_action("define")
         await self._call("defining the domain", lambda conn: conn.defineXML(xml))
 
     async def start_domain(self, uuid: str) -> None:
+        self._on_action("start")
         await self._call(f"starting {uuid}", lambda conn: _lookup(conn, uuid).create())
 
     async def suspend(self, uuid: str) -> None:
+        self._on_action("suspend")
         await self._call(f"pausing {uuid}", lambda conn: _lookup(conn, uuid).suspend())
 
     async def resume(self, uuid: str) -> None:
+        self._on_action("resume")
         await self._call(f"resuming {uuid}", lambda conn: _lookup(conn, uuid).resume())
 
     async def wake_up(self, uuid: str) -> None:
         """A guest suspended to RAM: resume cannot reach it, a wake-up event (pMWakeup) does."""
+        self._on_action("wake_up")
         await self._call(f"waking up {uuid}", lambda conn: _lookup(conn, uuid).pMWakeup(0))
 
     async def undefine(self, uuid: str) -> None:
@@ -486,6 +518,7 @@ class Hypervisor:
             if domain.isPersistent():  # one made transient from outside vanished when it stopped
                 domain.undefineFlags(flags)
 
+        self._on_action("undefine")
         await self._call(f"undefining {uuid}", undefine)
 
     async def request_shutdown(self, uuid: str, methods: tuple[ShutdownMethod, ...]) -> tuple[str | None, str]:
@@ -499,11 +532,13 @@ class Hypervisor:
         for method in methods:
             try:
                 if method is ShutdownMethod.AGENT:
+                    self._on_action("shutdown_agent")
                     await asyncio.wait_for(
                         self._call(f"agent shutdown of {uuid}", self._agent_shutdown(uuid), lane=Lane.AGENT),
                         timeout=self._agent_timeout + 1,
                     )
                 else:
+                    self._on_action("shutdown_acpi")
                     await self._call(
                         f"ACPI shutdown of {uuid}",
                         lambda conn: _lookup(conn, uuid).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
@@ -544,6 +579,7 @@ class Hypervisor:
             def run(conn: Any) -> bool:
                 if armed and called_off.wait(max(0.0, due - time.monotonic())):
                     return False
+                self._on_action("destroy")  # here, on the force's thread: an armed destroy called off is none
                 try:
                     _lookup(conn, uuid).destroyFlags(flags)
                 except libvirt.libvirtError as error:

@@ -58,6 +58,12 @@ def configure_logging(log_format: str = "json", level: str | int = "INFO", strea
         formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # kopf logs "Handler ... succeeded." at INFO for every watch event it hands over: a line per status
+    # write, four thousand for a thousand VMs starting, that say nothing the operator's own lines do not.
+    # Its warnings and errors (a handler that failed) still come through, and at DEBUG everything does.
+    numeric = logging.getLevelName(level) if isinstance(level, str) else level
+    quiet = isinstance(numeric, int) and numeric > logging.DEBUG
+    logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, numeric) if quiet else logging.NOTSET)
 
 
 class VmLogger(logging.LoggerAdapter[logging.Logger]):

@@ -12,6 +12,19 @@ from controller.api import ObservedPowerState, ShutdownOutcome, ShutdownRecord
 _DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 86400)
 # A forced stop should land within milliseconds of its deadline; anything near a second is a problem.
 _OVERSHOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# What the operator asks of libvirt that changes a domain (Hypervisor's actions; looks are not counted).
+LIBVIRT_ACTIONS = (
+    "define",
+    "start",
+    "suspend",
+    "resume",
+    "wake_up",
+    "undefine",
+    "shutdown_agent",
+    "shutdown_acpi",
+    "destroy",
+    "set_shutdown_mark",
+)
 
 
 class Metrics:
@@ -60,11 +73,25 @@ class Metrics:
             "VirtualMachines of this node that a NoExecute taint stops or keeps off (status.heldByTaint).",
             registry=self.registry,
         )
+        self.vms_reconciled = Gauge(
+            "vmop_virtual_machines_reconciled",
+            "VirtualMachines of this node this operator has looked at and decided on at least once since it "
+            "started: equal to the VMs of the node once a restarted operator has caught up with all of them.",
+            registry=self.registry,
+        )
+        self.libvirt_actions = Counter(
+            "vmop_libvirt_actions",
+            "Calls to libvirt that change a domain (define, start, destroy, ...), by action, failed ones included.",
+            ["action"],
+            registry=self.registry,
+        )
         # Every label value exported from the start, at 0: a series that appears only at its first
         # increment hides that increment from rate() and increase(), and reads as "no data" on a dashboard.
         for outcome in ShutdownOutcome:
             self.shutdowns.labels(outcome.value)
             self.shutdown_seconds.labels(outcome.value)
+        for action in LIBVIRT_ACTIONS:
+            self.libvirt_actions.labels(action)
         self.power_states(Tally())
 
     def stop_finished(self, record: ShutdownRecord) -> None:

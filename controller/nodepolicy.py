@@ -101,9 +101,14 @@ def committed_mib(me: str, running: Mapping[str, int], in_flight: Mapping[str, i
     in_flight must be read before `running` is observed (see StartReservations): a start that ends
     between the two is then counted once either way, and one that was not yet in flight sees this start.
     """
-    return sum(mib for uuid, mib in running.items() if uuid != me) + sum(
-        mib for uuid, mib in in_flight.items() if uuid != me and uuid not in running
-    )
+    # In C (sums, and the overlap as an intersection of key views), with this VM taken out afterwards: a
+    # thousand VMs starting at once each ask this of up to a thousand running domains and starts in flight.
+    others_running = sum(running.values()) - running.get(me, 0)
+    started_since = in_flight.keys() & running.keys()  # in flight then, running now: counted as running
+    starting = sum(in_flight.values()) - sum(map(in_flight.__getitem__, started_since))
+    if me in in_flight and me not in running:
+        starting -= in_flight[me]
+    return others_running + starting
 
 
 class StartReservations:
@@ -120,7 +125,8 @@ class StartReservations:
 
     def reserve(self, uuid: str, mib: int) -> dict[str, int]:
         """Reserve for uuid; returns the other starts in flight at this moment."""
-        others = {other: reserved for other, reserved in self._mib.items() if other != uuid}
+        others = self._mib.copy()
+        others.pop(uuid, None)
         self._mib[uuid] = mib
         return others
 

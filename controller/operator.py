@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 from collections import Counter
@@ -33,6 +34,7 @@ from controller.api import (
     PLURAL,
     RESTART_ANNOTATION,
     VERSION,
+    DomainSpec,
     ObservedPowerState,
     PowerState,
     ShutdownRecord,
@@ -102,18 +104,40 @@ class _RetryForever:
             yield 2.0
 
 
-def read_vm(body: dict[str, Any], status: VirtualMachineStatus) -> VirtualMachine:
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: kopf keeps one for its on.create/on.update/on.field handlers, and vmop has only event
+    handlers. kopf's default builds one on every watch event all the same, a deep copy of the whole object
+    (status and managedFields included), and reads the last one back from an annotation, for nothing."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
+ParsedSpec = tuple[VirtualMachineSpec | None, str | None]
+"""A spec as read: the model, or None and why it cannot be read."""
+
+
+def parse_spec(raw: dict[str, Any]) -> ParsedSpec:
+    try:
+        return VirtualMachineSpec.model_validate(raw), None
+    except pydantic.ValidationError as exc:
+        return None, "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def read_vm(body: dict[str, Any], status: VirtualMachineStatus, parsed: ParsedSpec | None = None) -> VirtualMachine:
     """The core's view of a VirtualMachine object; an unreadable spec is reported, never raised.
 
     The status is the worker's own (read once from the object when the worker starts, see read_status).
+    parsed: the object's spec as already read (see VmWorker._read), else it is read here.
     """
     meta = body["metadata"]
-    spec: VirtualMachineSpec | None = None
-    error: str | None = None
-    try:
-        spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
-    except pydantic.ValidationError as exc:
-        error = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    spec, error = parsed if parsed is not None else parse_spec(body.get("spec") or {})
     return VirtualMachine(
         namespace=meta["namespace"],
         name=meta["name"],
@@ -139,6 +163,20 @@ def _decided_on(body: dict[str, Any]) -> tuple[Any, ...]:
         (meta.get("annotations") or {}).get(RESTART_ANNOTATION),
         repr(body.get("spec")),
     )
+
+
+def _kept(body: dict[str, Any]) -> dict[str, Any]:
+    """What a worker keeps of its object: everything its decisions, Events and writes read.
+
+    Not the managedFields (the API server's record of who wrote which field, most of an object's size)
+    nor the status (the worker holds its own, read once when it starts): kept for each of a thousand VMs,
+    they were a third of the operator's memory.
+    """
+    kept = {key: value for key, value in body.items() if key != "status"}
+    meta = body["metadata"]
+    if "managedFields" in meta:
+        kept["metadata"] = {key: value for key, value in meta.items() if key != "managedFields"}
+    return kept
 
 
 def _resource_version(body: dict[str, Any]) -> int | None:
@@ -204,7 +242,7 @@ class VmWorker:
         self.key: Key = (meta["namespace"], meta["name"])
         self.uid: str = meta["uid"]
         self.domain = domain_name(*self.key)
-        self.body = body
+        self.body = _kept(body)
         self._op = operator
         # The status this worker last decided: the truth while it runs (one operator per node writes it);
         # the API server's copy may lag behind it while the writer retries.
@@ -224,6 +262,9 @@ class VmWorker:
         self.turn: Turn = UNKNOWN_TURN
         self.member: Member | None = None
         self.stepped = False
+        # The spec as last read, and its definition's hash: both kept until the spec changes (see _read).
+        self._spec: tuple[dict[str, Any], ParsedSpec] | None = None
+        self._spec_hash: tuple[DomainSpec, str] | None = None
         self._log = vm_logger(*self.key, self.domain, logger)
         if unreadable:
             self._log.warning("status fields %s cannot be read by this version; kept what can be", unreadable)
@@ -236,7 +277,11 @@ class VmWorker:
             on_body=self.update,
             log=self._log,
         )
-        self.task = asyncio.create_task(self._run(), name=f"vm:{self.key[0]}/{self.key[1]}")
+        # In a context of its own: created from kopf's handler, the task would otherwise keep kopf's context
+        # variables for as long as the VM lives, and with them the watch event that created it, whole.
+        self.task = asyncio.create_task(
+            self._run(), name=f"vm:{self.key[0]}/{self.key[1]}", context=contextvars.Context()
+        )
 
     def update(self, body: dict[str, Any], fresh: bool = True) -> None:
         """Take a newer version of the object; a watch event older than our own last write is ignored.
@@ -249,7 +294,7 @@ class VmWorker:
         if new is not None and old is not None and new < old:
             return
         news = fresh and _decided_on(body) != _decided_on(self.body)
-        self.body = body
+        self.body = _kept(body)
         if news:
             self.wake()
 
@@ -296,17 +341,32 @@ class VmWorker:
         return self._backoff
 
     def _read(self) -> VirtualMachine:
-        return read_vm(self.body, self._status)
+        # The spec is read again only when it changed: most steps (a status write's echo, a libvirt event, a
+        # resync) see the same spec, and a thousand VMs starting take four steps each.
+        raw = self.body.get("spec") or {}
+        if self._spec is None or self._spec[0] != raw:
+            self._spec = (raw, parse_spec(raw))
+        return read_vm(self.body, self._status, self._spec[1])
 
     async def _step(self) -> float | None:
         """One step; returns seconds until the next look, or None to look again at once (an action was taken)."""
+        delay: float | None = 0.0
         try:
-            return await self._reconcile()
+            delay = await self._reconcile()
+            return delay
         finally:
             # A start's reservation of node memory lasts until its start call has returned (or was not made).
             self._op.reservations.release(self.uid)
+            # A status decided on the way to the next step (one at once) lasts only until that step decides
+            # again: the writer holds it for that step. Any other end of a step, a failure included, is where
+            # the VM settles for now, and its status is written at once.
+            if delay is None:
+                self.writer.hold()
+            else:
+                self.writer.release()
             if not self.stepped:
                 self.stepped = True
+                self._op.first_step_done(self)
                 self._op.maintenance_changed()
 
     async def _reconcile(self) -> float | None:
@@ -404,7 +464,11 @@ class VmWorker:
         return self._next_backoff()
 
     def _expected_hash(self, vm: VirtualMachine) -> str | None:
-        return domainxml.spec_hash(vm.spec.domain, self._op.settings.host) if vm.spec else None
+        if vm.spec is None:
+            return None
+        if self._spec_hash is None or self._spec_hash[0] is not vm.spec.domain:
+            self._spec_hash = (vm.spec.domain, domainxml.spec_hash(vm.spec.domain, self._op.settings.host))
+        return self._spec_hash[1]
 
     async def _check_storage(self, vm: VirtualMachine, observed: Domain | None) -> None:
         """Look at the spec's storage, unless the domain runs and a stop of it may be under way.
@@ -649,7 +713,9 @@ class Operator:
         self.workers: dict[Key, VmWorker] = {}
         self._by_domain: dict[str, VmWorker] = {}
         self._power_states: dict[Key, ObservedPowerState] = {}
+        self._power_counts: Counter[ObservedPowerState] = Counter()  # of _power_states, kept as it changes
         self._overdue: set[Key] = set()  # VMs whose ShutdownOverdue condition is True
+        self._reconciled = 0  # workers whose first step is done (the vmop_virtual_machines_reconciled gauge)
         self._tasks: list[asyncio.Task[None]] = []
         # The node's maintenance: its Node as last read (None: none exists), its NoExecute taints (None
         # until the Node has been read once), when each taint without timeAdded was first seen, the plan.
@@ -811,13 +877,21 @@ class Operator:
 
     def _forget(self, worker: VmWorker) -> None:
         worker.cancel()
+        if worker.stepped and self.workers.get(worker.key) is worker:
+            self._reconciled -= 1
+            self.metrics.vms_reconciled.set(self._reconciled)
         self.workers.pop(worker.key, None)
         self._by_domain.pop(worker.domain, None)
         self.maintenance_changed()
-        self._power_states.pop(worker.key, None)
-        self.metrics.power_states(Counter(self._power_states.values()))
+        self._power_state_is(worker.key, None)
         self._overdue.discard(worker.key)
         self.metrics.shutdowns_overdue.set(len(self._overdue))
+
+    def first_step_done(self, worker: VmWorker) -> None:
+        """A worker has looked at its VM and decided once: after a restart, the node is caught up when all have."""
+        if self.workers.get(worker.key) is worker:  # not one forgotten (cancelled) in its first step
+            self._reconciled += 1
+            self.metrics.vms_reconciled.set(self._reconciled)
 
     def domain_event(self, name: str) -> None:
         worker = self._by_domain.get(name)
@@ -834,12 +908,24 @@ class Operator:
         if new.shutdown is not None and new.shutdown.outcome is not None and old.shutdown != new.shutdown:
             self.metrics.stop_finished(new.shutdown)
 
+    def _power_state_is(self, key: Key, state: ObservedPowerState | None) -> None:
+        """Counted as it changes (None: the VM is gone), not recounted over every VM of the node: a thousand
+        VMs starting change state a few thousand times."""
+        old = self._power_states.pop(key, None)
+        if state is not None:
+            self._power_states[key] = state
+        if old == state:
+            return
+        if old is not None:
+            self._power_counts[old] -= 1
+        if state is not None:
+            self._power_counts[state] += 1
+        self.metrics.power_states(self._power_counts)
+
     def status_seen(self, key: Key, status: VirtualMachineStatus) -> None:
         """Counted on every reconcile, not only on status writes: after an operator restart nothing is written."""
         state = status.power_state
-        if self._power_states.get(key) != state:
-            self._power_states[key] = state
-            self.metrics.power_states(Counter(self._power_states.values()))
+        self._power_state_is(key, state)
         overdue = status.condition("ShutdownOverdue")
         if overdue is not None and overdue.status == "True":
             if key not in self._overdue:
@@ -866,13 +952,11 @@ class Operator:
             logger.info("released %s: no longer acting for node %s", self.node_lock.path, self.settings.node_name)
         await self.hypervisor.close()
         await self.events.close()
+        await self.kube.close()
 
 
 def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callable[..., Any]) -> None:
     """Wire the operator into kopf. Only event handlers: kopf then keeps no state in the objects."""
-
-    def mine(spec: kopf.Spec, **_: Any) -> bool:
-        return operator.is_mine(dict(spec))
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -881,13 +965,14 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
         settings.peering.standalone = True
         # Only this node's VirtualMachines, filtered by the API server (spec.nodeName is a selectable field
         # of the CRD): the operator of a node receives, parses and holds nothing of other nodes' VMs. The
-        # `when` filter below stays as a second line, for API servers without selectable fields.
+        # check in the handler below stays as a second line, for API servers without selectable fields.
         settings.watching.field_selectors[GROUP, PLURAL] = f"spec.nodeName={operator.settings.node_name}"
         # Its own Node only (its taints drive the node's maintenance), and nothing of any other node.
         settings.watching.field_selectors["v1", "nodes"] = f"metadata.name={operator.settings.node_name}"
         # Least privilege: no CRD or namespace scanning, and kopf posts no Events of its own.
         settings.scanning.disabled = True
         settings.posting.enabled = False
+        settings.persistence.diffbase_storage = _NoDiffBase()
         # Never give up on the API server, and relist within seconds of its return rather than after
         # kopf's default backoffs (up to 21 s between tries); a relist is one request.
         settings.networking.error_backoffs = _RetryForever()
@@ -911,6 +996,10 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, login: Callabl
         if body.get("metadata", {}).get("name") == operator.settings.node_name:
             operator.node_event(None if event["type"] == "DELETED" else body)
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, when=mine)
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def virtual_machine(event: kopf.RawEvent, **_: Any) -> None:
-        operator.object_event(event["type"], dict(event["object"]))
+        # On the raw object rather than in a kopf `when` filter, which builds every handler argument anew
+        # on each event to call it: this handler runs for every watch event of every VM of the node.
+        body: dict[str, Any] = dict(event["object"])
+        if operator.is_mine(body.get("spec") or {}):
+            operator.object_event(event["type"], body)

@@ -429,7 +429,10 @@ def decide(
             d.update(
                 domain_name=_domain_name(vm), power_state=ObservedPowerState.STOPPED, restarted_at=vm.restart_token
             )
-            d.event("Normal", "Defined", f"defining libvirt domain {_domain_name(vm)}")
+            if spec.power_state is PowerState.STOPPED:
+                d.event("Normal", "Defined", f"defining libvirt domain {_domain_name(vm)}")
+            # A VM to run is started in the next step, and its Starting Event, the one a user looks for,
+            # names the domain: one Event per new VM, not two within milliseconds.
         else:
             # Drift: the status keeps what was last seen, so that restartPolicy judges the stop once defined.
             d.event(
@@ -859,8 +862,9 @@ def _start(d: _Decision, blocked: Refusal | None, why: str, *, restarts: int = 0
         return held
     d.ready = ("False", "Starting", why)
     if not d.held_back(ActionKind.START):
+        first = d.vm.status.started_at is None
         d.update(started_at=d.now, restarts=restarts)
-        d.event("Normal", "Starting", why)
+        d.event("Normal", "Starting", f"{why} (libvirt domain {_domain_name(d.vm)}, first start)" if first else why)
     return d.plan(Action(ActionKind.START))
 
 

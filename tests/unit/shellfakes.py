@@ -296,6 +296,9 @@ class FakeKube:
         stored["metadata"]["finalizers"].remove("vmop.dev/undefine-domain")
         return self._bump(stored)
 
+    async def close(self) -> None:
+        pass
+
 
 @dataclass
 class FakeEvents:

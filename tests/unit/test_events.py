@@ -8,6 +8,7 @@ dropped and counted, and logged without flooding the log.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -46,6 +47,13 @@ class Call:
 
 
 @dataclass
+class RawResponse:
+    """What the client returns with _preload_content=False: urllib3's response, of which `data` is read."""
+
+    data: bytes
+
+
+@dataclass
 class FakeEventsApi:
     """The two Event calls of a CoreV1Api, in memory; `script` says how each next call goes (then: answer)."""
 
@@ -55,9 +63,14 @@ class FakeEventsApi:
     calls: list[Call] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    delay: float = 0.0  # how long each call that answers takes
+    in_flight: int = 0
+    most_in_flight: int = 0
 
-    def create_namespaced_event(self, **kwargs: Any) -> client.CoreV1Event:
+    def create_namespaced_event(self, **kwargs: Any) -> Any:
+        """As the client answers with _preload_content=False (the recorder asks so): the raw response."""
         self._misbehave("create", kwargs)
+        assert kwargs.get("_preload_content") is False
         body: client.CoreV1Event = kwargs["body"]
         with self.lock:
             name = f"{body.metadata.generate_name}{len(self.events):05x}"
@@ -67,8 +80,7 @@ class FakeEventsApi:
                 "firstTimestamp": body.first_timestamp,
                 "lastTimestamp": body.last_timestamp,
             }
-        body.metadata.name = name
-        return body
+        return RawResponse(json.dumps({"metadata": {"name": name, "namespace": body.metadata.namespace}}).encode())
 
     def patch_namespaced_event(self, **kwargs: Any) -> client.CoreV1Event:
         self._misbehave("patch", kwargs)
@@ -84,6 +96,17 @@ class FakeEventsApi:
         with self.lock:
             self.calls.append(Call(verb, kwargs))
             how = self.script.popleft() if self.script else (HANG if self.hang_all else None)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self._answer(how)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _answer(self, how: BaseException | str | None) -> None:
+        if how is None and self.delay:
+            time.sleep(self.delay)
         if how == HANG:
             # Ignores _request_timeout, as a call stuck outside the socket would; once released it ends the
             # way a socket timeout does, having written nothing.
@@ -271,6 +294,30 @@ def test_a_full_queue_drops_counts_and_says_so_once(caplog: pytest.LogCaptureFix
 
     run(scenario, api)
     assert api.counts() == [1, 1, 2]
+
+
+def test_a_burst_goes_out_a_few_at_a_time_and_a_repeat_waits_for_its_like() -> None:
+    """A thousand VMs starting post a thousand Events: four on their way at once, not one; a repeat of one
+    on its way is not posted beside it, but counted on it once it is there."""
+    api = FakeEventsApi(delay=0.1)
+
+    async def scenario() -> None:
+        events = recorder(api)
+        await events.start()
+        started = time.monotonic()
+        for i in range(12):
+            events.post(vm(f"vm-{i}", f"uid-{i}"), type_="Normal", reason="Starting", message="starting")
+        await until(lambda: api.in_flight > 0)
+        events.post(vm("vm-0", "uid-0"), type_="Normal", reason="Starting", message="starting")
+        await until(lambda: len(api.calls) == 13 and api.in_flight == 0)
+        elapsed = time.monotonic() - started
+        assert elapsed < 12 * 0.1 * 0.75, f"one at a time would take 1.2 s: {elapsed:.2f}s"
+        await events.close()
+
+    run(scenario, api)
+    assert api.most_in_flight == 4
+    assert sorted(api.verbs()) == ["create"] * 12 + ["patch"]
+    assert sorted(api.counts()) == [1] * 11 + [2]
 
 
 def test_a_hung_call_costs_its_timeout_not_the_events_behind_it() -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import libvirt
 import pytest
 
 from controller import domainxml
 from controller.api import DomainSpec, ShutdownMethod, ShutdownPurpose
-from controller.hypervisor import Hypervisor, is_connection_error
+from controller.hypervisor import Hypervisor, Lane, is_connection_error
 from controller.reconcile import DomainState, StopCause
 from controller.shutdown import ShutdownMark
 from controller.storage import ResolvedStorage
@@ -129,7 +130,8 @@ def test_connection_failures_are_told_from_request_failures(
 def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_called_off() -> None:
     async def scenario() -> None:
         connected = asyncio.Event()
-        hypervisor = Hypervisor("test:///default")
+        actions: list[str] = []
+        hypervisor = Hypervisor("test:///default", on_action=actions.append)
         hypervisor.listen(on_domain_event=lambda _n: None, on_connection_change=lambda up: up and connected.set())
         await hypervisor.open()
         try:
@@ -168,9 +170,57 @@ def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_c
             assert loop.time() - began >= 0.3
             assert [await state(uid) for uid in uids] == [DomainState.STOPPED, DomainState.STOPPED, DomainState.RUNNING]
             assert len(hypervisor._idle_forces) >= 2, "the two forces had connections of their own, kept for reuse"
+            assert actions.count("destroy") == 2, "a force called off is no action"
             for uid in uids:
                 await hypervisor.force_off(uid)
                 await hypervisor.undefine(uid)
+        finally:
+            await hypervisor.close()
+
+    asyncio.run(scenario())
+
+
+def test_actions_are_told_and_the_node_memory_read_follows_starts_and_stops(tmp_path: Path) -> None:
+    """Every call that changes a domain is told (the vmop_libvirt_actions metric), looks are not; the node's
+    memory read keeps what it learnt of a running domain until that domain stops (or is started again)."""
+    node = tmp_path / "node.xml"  # a test driver of its own: test:///default is shared within the process
+    node.write_text("<node></node>")
+
+    async def scenario() -> None:
+        actions: list[str] = []
+        hypervisor = Hypervisor(f"test://{node}", on_action=actions.append)
+        await hypervisor.open()
+        try:
+            await asyncio.wait_for(hypervisor.wait_connected(), timeout=5)
+            total, running = await hypervisor.node_memory()
+            assert total > 0
+            before = dict(running)
+            uid = str(uuid.uuid4())
+            name = f"ns_{uid[:8]}"
+            xml = domainxml.build(
+                name=name,
+                namespace="ns",
+                vm_name=uid[:8],
+                uid=uid,
+                spec=DomainSpec(memoryMiB=48),
+                host=domainxml.HostDefaults(virt_type="test"),
+                storage=ResolvedStorage(kernel=None, initrd=None, disks=()),
+            )
+            await hypervisor.define(xml)
+            assert (await hypervisor.node_memory())[1] == before, "defined, not running"
+            await hypervisor.start_domain(uid)
+            assert (await hypervisor.node_memory())[1] == {**before, uid: 48}
+            await hypervisor.observe(name)
+            # Each connection to a test-driver file is a hypervisor of its own: the stop is made on the
+            # connection that reads (force_off has a lane, so a connection, of its own).
+            main = hypervisor._lanes[Lane.MAIN]
+            main.lookupByUUIDString(uid).destroy()
+            assert (await hypervisor.node_memory())[1] == before
+            await hypervisor.start_domain(uid)
+            assert (await hypervisor.node_memory())[1] == {**before, uid: 48}, "a new start, a new ID"
+            main.lookupByUUIDString(uid).destroy()
+            await hypervisor.undefine(uid)
+            assert actions == ["define", "start", "start", "undefine"], "looks are not actions"
         finally:
             await hypervisor.close()
 

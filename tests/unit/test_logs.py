@@ -109,3 +109,25 @@ def test_text_format_for_people(root_logger: logging.Logger) -> None:
     vm_logger("ns", "vm", "ns_vm").info("shown")
     (text,) = out.getvalue().splitlines()
     assert text.endswith(" INFO vmop.operator shown")
+
+
+def kopf_levels(out: io.StringIO) -> list[str]:
+    """Of kopf's lines only: threads other tests left behind may log meanwhile."""
+    return [line["level"] for line in lines(out) if line["logger"] == "kopf.objects"]
+
+
+def test_kopfs_line_per_handled_event_is_left_out_at_info(root_logger: logging.Logger) -> None:
+    """kopf says "Handler ... succeeded." at INFO for every watch event: a line per status write of every VM.
+    Its warnings still come through, and at DEBUG everything does."""
+    out = io.StringIO()
+    kopf_objects = logging.getLogger("kopf.objects")
+    try:
+        configure_logging("json", "INFO", stream=out)
+        kopf_objects.info("Handler 'register.<locals>.virtual_machine' succeeded.")
+        kopf_objects.warning("Handler 'register.<locals>.virtual_machine' failed temporarily.")
+        assert kopf_levels(out) == ["WARNING"]
+        configure_logging("json", "DEBUG", stream=out)
+        kopf_objects.info("Handler 'register.<locals>.virtual_machine' succeeded.")
+        assert kopf_levels(out) == ["WARNING", "INFO"]
+    finally:
+        kopf_objects.setLevel(logging.NOTSET)

@@ -21,6 +21,7 @@ from controller.operator import NodeMemoryReads, Operator
 from controller.reconcile import DomainState, StopCause
 from controller.settings import from_args
 from controller.shutdown import ShutdownMark
+from controller.statuswriter import HOLD_MAX
 from tests.unit.shellfakes import (
     FakeEvents,
     FakeHypervisor,
@@ -508,6 +509,23 @@ def test_the_force_is_decided_a_second_ahead_and_sent_at_the_deadline() -> None:
     scenario(run)
 
 
+def test_a_new_vm_has_its_status_written_once_where_it_settles() -> None:
+    """Initializing, Defining and Starting last as long as a step: the status is written when the VM runs."""
+
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        await asyncio.sleep(1)  # the node read and listed: a new VM's maintenance turn is known at once
+        await env.running("web")
+        await asyncio.sleep(10)
+        writes = [s for key, s in env.kube.status_writes if key == ("ns", "web")]
+        assert [s["powerState"] for s in writes] == ["Running"]
+        assert env.events.reasons("web") == ["Starting"], "one Event for a new VM"
+        await env.op.stop()
+
+    scenario(run)
+
+
 @pytest.mark.parametrize("news", ["guest powers off", "spec back to Running"])
 def test_news_in_the_last_second_calls_the_armed_force_off(news: str) -> None:
     async def run() -> None:
@@ -528,5 +546,67 @@ def test_news_in_the_last_second_calls_the_armed_force_off(news: str) -> None:
         assert [uuid for uuid, _at in env.hyp.called_off] == ["uid-web"]
         await until(lambda: env.shutdown("web").get("outcome") == outcome, what=f"outcome {outcome}")
         await env.op.stop()
+
+    scenario(run)
+
+
+def test_a_state_that_lasts_is_written_while_it_lasts() -> None:
+    """A start that takes 30 s (a QEMU that is slow to launch): what was decided before it is written within
+    HOLD_MAX, not when the start ends."""
+
+    async def run() -> None:
+        env = Env()
+        env.hyp.start_seconds = 30
+        await env.op.start()
+        await asyncio.sleep(1)
+        added = asyncio.get_running_loop().time()
+        env.add("web")
+        await until(lambda: env.kube.status("web").get("powerState"), within=20, what="a status during the start")
+        assert asyncio.get_running_loop().time() - added <= HOLD_MAX + 0.1
+        assert env.state("web") is DomainState.STOPPED, "the start is still under way"
+        ready = next(c for c in env.kube.status("web")["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False"
+        await until(lambda: env.kube.status("web").get("powerState") == "Running", within=60, what="Running")
+        await env.op.stop()
+
+    scenario(run)
+
+
+def test_an_operator_restarted_under_steady_vms_writes_nothing_and_does_nothing() -> None:
+    async def run() -> None:
+        env = Env()
+        await env.op.start()
+        for name in ("web", "db"):
+            await env.running(name)
+        await asyncio.sleep(10)
+        await env.op.stop()
+        writes, posted = len(env.kube.status_writes), len(env.events.posted)
+        starts = {name: env.domain(name).starts for name in ("web", "db")}
+
+        metrics = Metrics()
+        restarted = Operator(
+            env.op.settings,
+            kube=env.kube,  # type: ignore[arg-type]
+            hypervisor=env.hyp,  # type: ignore[arg-type]
+            events=env.events,  # type: ignore[arg-type]
+            metrics=metrics,
+            clock=env.clock,
+            storage=env.storage,  # type: ignore[arg-type]
+        )
+        await restarted.start()
+        for name in ("web", "db"):
+            restarted.object_event(None, await env.kube.get("ns", name))  # kopf's first list
+        await until(
+            lambda: metrics.registry.get_sample_value("vmop_virtual_machines_reconciled") == 2,
+            within=10,
+            what="both VMs looked at once",
+        )
+        await asyncio.sleep(30)
+        assert len(env.kube.status_writes) == writes
+        assert len(env.events.posted) == posted
+        assert {name: env.domain(name).starts for name in ("web", "db")} == starts
+        restarted.object_event("DELETED", await env.kube.get("ns", "db"))
+        assert metrics.registry.get_sample_value("vmop_virtual_machines_reconciled") == 1
+        await restarted.stop()
 
     scenario(run)

@@ -280,7 +280,10 @@ def assert_fixed_point(w: World) -> None:
 def test_new_vm_adds_the_finalizer_then_defines_then_starts() -> None:
     w = World(make_vm())
     assert w.settle() == [A.ADD_FINALIZER, A.DEFINE, A.START]
-    assert w.events == [("Normal", "Defined"), ("Normal", "Starting")]
+    # One Event for a new VM: its start, which names the domain just defined (no Defined Event before it).
+    assert w.events == [("Normal", "Starting")]
+    start = next(plan for plan in w.plans if plan.action is not None and plan.action.kind is A.START)
+    assert start.events[0].message == "starting (libvirt domain ns_vm1, first start)"
     assert w.status.domain_name == "ns_vm1"
     assert w.status.domain_uuid == "dom-uuid"
     assert w.status.power_state is ObservedPowerState.RUNNING
@@ -293,6 +296,7 @@ def test_new_vm_adds_the_finalizer_then_defines_then_starts() -> None:
 def test_a_new_vm_with_power_state_stopped_is_defined_and_not_started() -> None:
     w = World(make_vm(make_spec(STOPPED)))
     assert w.settle() == [A.ADD_FINALIZER, A.DEFINE]
+    assert w.events == [("Normal", "Defined")]
     assert cond(w.status, "Ready") == ("True", "Stopped")
     assert w.status.shutdown is None
 
@@ -1403,4 +1407,5 @@ def test_storage_that_resolves_elsewhere_is_written_before_the_next_start_never_
 def test_a_stopped_vm_is_defined_whatever_the_node_memory() -> None:
     w = World(make_vm(make_spec(STOPPED)), node_memory=NodeMemory(committed_mib=1000, ceiling_mib=1000))
     assert w.settle() == [A.ADD_FINALIZER, A.DEFINE]
+    assert w.events == [("Normal", "Defined")]
     assert cond(w.status, "Ready") == ("True", "Stopped")
