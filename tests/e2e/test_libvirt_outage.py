@@ -46,7 +46,15 @@ def test_libvirt_outage_is_reported_and_the_deadline_is_kept(vmop_own_libvirt: V
         timeout=60,
         what="the forced stop after reconnecting",
     )
-    assert parse_time(body["status"]["shutdown"]["deadline"]) == deadline
+    shutdown = body["status"]["shutdown"]
+    assert parse_time(shutdown["deadline"]) == deadline
+    assert parse_time(shutdown["completedAt"]) >= deadline, "not forced before its deadline"
     assert condition(body, "Synced")["status"] == "True"
+    # vmop's destroy, and nobody else's: a stubborn guest never powers off by itself, and the operator counts
+    # what it sends. libvirt names the stop DESTROYED, or DAEMON when the destroy came while the restarted
+    # daemon was still reconnecting to QEMU: a destroy SIGTERMs QEMU before it waits for the reconnect's job,
+    # the reconnect then loses its monitor and ends the domain itself (qemuProcessReconnect's error path).
+    assert operator.metric("vmop_libvirt_actions_total", action="destroy") >= 1
     state, reason = own_libvirt.connect().lookupByName(vmop.domain_name("patient")).state()
-    assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+    assert state == libvirt.VIR_DOMAIN_SHUTOFF
+    assert reason in (libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED, libvirt.VIR_DOMAIN_SHUTOFF_DAEMON), reason
