@@ -237,11 +237,34 @@ def table(results: dict[str, Any]) -> str:
     if "converge" in s:
         rows.append(
             (
-                f"scale, {s['vms']} own VMs (test driver)",
-                f"converge {_f(s['converge'], 1)} s, {s['api_requests']} API requests, peak RSS {_f(s['rss_mib'], 0)} MiB",
-                "",
+                f"scale, {s['vms']} own VMs created at once (test driver)",
+                f"converge {_f(s['converge'], 1)} s (creating them {_f(s.get('create_seconds'), 1)} s), "
+                f"{_f(s.get('api_requests_per_vm'), 2)} API requests per VM, peak RSS {_f(s['rss_mib'], 0)} MiB, "
+                f"{_f(s.get('cpu_seconds_converge'), 1)} CPU-s",
+                "< 10 s, <= 4 per VM",
             )
         )
+        r = s.get("restart_1000") or {}
+        if "reconciled_seconds" in r:
+            rows.append(
+                (
+                    f"  operator restarted under {r['vms']} steady VMs",
+                    f"every VM reconciled {_f(r['reconciled_seconds'], 1)} s after start; {r['api_writes']} API "
+                    f"writes, {r['libvirt_actions']} libvirt actions, {r['events_logged']} Events "
+                    f"({r['api_requests']} requests)",
+                    "0 writes, actions, Events",
+                )
+            )
+        b = s.get("scale_3000") or {}
+        if "converge" in b:
+            rows.append(
+                (
+                    f"  {b['vms']} VMs on one node",
+                    f"converge {_f(b['converge'], 1)} s, {_f(b.get('api_requests_per_vm'), 2)} API requests per VM, "
+                    f"peak RSS {_f(b['rss_mib'], 0)} MiB, {_f(b.get('cpu_seconds_converge'), 1)} CPU-s",
+                    "RSS < 300 MiB",
+                )
+            )
         f = s.get("foreign_990") or {}
         if "converge" in f:
             rows.append(
