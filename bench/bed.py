@@ -438,9 +438,14 @@ class Bed:
         Operators reconnect by themselves; start a section's operator after this anyway."""
         if self.libvirt.limits == limits:
             return
-        self.listener.close()
         self.libvirt.restart_daemon(limits)
-        self.listener = LifecycleListener(self.libvirt.uri)
+        self.renew_listener()
+
+    def renew_listener(self, listener: LifecycleListener | None = None) -> None:
+        """The lifecycle listener on the daemon now running (the one given, already registered there, or a
+        new one); the old one, on a daemon that went away, is closed."""
+        old, self.listener = self.listener, listener or LifecycleListener(self.libvirt.uri)
+        old.close()
 
     def remove_domains(self, prefix: str) -> None:
         conn = self.libvirt.connect()

@@ -415,11 +415,6 @@ class _Relisten:
         return self.listener
 
 
-def _replace_listener(bed: Bed, listener: LifecycleListener) -> None:
-    old, bed.listener = bed.listener, listener
-    old.close()
-
-
 def _libvirtd_restarted(ctx: Context, requested: Requested) -> dict[str, Any]:
     bed, d = ctx.bed, requested.first
     _sleep_until(d - LIBVIRTD_DOWN_BEFORE)
@@ -431,10 +426,8 @@ def _libvirtd_restarted(ctx: Context, requested: Requested) -> dict[str, Any]:
     starting = time.time()
     bed.libvirt.start_daemon()
     back = time.time()
-    listener = relisten.join(timeout=10)
-    if listener is None:
-        listener = LifecycleListener(bed.libvirt.uri)
-    _replace_listener(bed, listener)
+    bed.renew_listener(relisten.join(timeout=10))
+    listener = bed.listener
     # A guest already off when the new listener registered has no STOPPED on record: say so.
     conn = bed.libvirt.connect()
     try:
@@ -621,7 +614,7 @@ def _restore(ctx: Context) -> None:
         bed.control_plane.start_apiserver()
     if bed.libvirt.daemon_pid is None:
         bed.libvirt.start_daemon()
-        _replace_listener(bed, LifecycleListener(bed.libvirt.uri))
+        bed.renew_listener()
 
 
 def run(bed: Bed, *, quick: bool) -> dict[str, Any]:

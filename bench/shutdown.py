@@ -54,13 +54,15 @@ def start_vms(
     *,
     node: str,
     kinds: dict[str, str],
-    policy: dict[str, Any],
+    policy: dict[str, Any] | None,
     watch_timeout: float,
     coop_batch: int = 3,
     priorities: dict[str, int] | None = None,
+    **manifest: Any,
 ) -> None:
     """Create the VMs through vmop and wait until each runs; cooperative guests boot a few at a time (each
-    boot costs ~5 CPU-seconds under TCG) and count only once acpid listens, or the first ACPI press is lost."""
+    boot costs ~5 CPU-seconds under TCG) and count only once acpid listens, or the first ACPI press is lost.
+    manifest: more of vm_manifest's arguments, the same for every VM."""
     vms = bed.vms(namespace)
     vm_watch = bed.watch(namespace)
     try:
@@ -74,6 +76,7 @@ def start_vms(
                     kind=kinds[name],
                     shutdown_policy=policy,
                     priority=(priorities or {}).get(name),
+                    **manifest,
                 )
             )
 

@@ -26,9 +26,9 @@ from typing import Any
 import libvirt
 
 from bench.bed import Bed, parallel
-from bench.shutdown import SETTLE_SECONDS, chunks, domain_name, end_section
+from bench.shutdown import SETTLE_SECONDS, domain_name, end_section, start_vms
 from bench.stats import summary
-from testbed.vmop import condition, vm_manifest
+from testbed.vmop import condition
 
 POWEROFF_AFTER = 1.0
 """Seconds from the key press to each guest's own power-off: long enough for the bench to have pressed
@@ -51,35 +51,6 @@ _SHUTOFF_REASONS = {
     for name in dir(libvirt)
     if name.startswith("VIR_DOMAIN_SHUTOFF_") and name != "VIR_DOMAIN_SHUTOFF_LAST"
 }
-
-
-def _boot(bed: Bed, namespace: str, node: str, names: Sequence[str]) -> None:
-    """Create the VMs through vmop a batch at a time; each counts once its guest printed GUEST-READY, by
-    which time its key reader holds the keyboard open."""
-    vms = bed.vms(namespace)
-    vm_watch = bed.watch(namespace)
-
-    def create(name: str) -> None:
-        vms.create(
-            vm_manifest(
-                name,
-                node_name=node,
-                libvirt=bed.libvirt,
-                kind="coop",
-                restart_policy=RESTART_POLICY,
-                poweroff_after=POWEROFF_AFTER,
-                poweroff_from="key",
-            )
-        )
-
-    try:
-        for batch in chunks(names, BATCH):
-            parallel(create, batch)
-            vm_watch.wait_all(batch, "Running", timeout=120)
-            for name in batch:
-                bed.libvirt.wait_guest_ready(domain_name(namespace, name), timeout=120)
-    finally:
-        vm_watch.stop()
 
 
 def _press_keys(bed: Bed, domains: Sequence[str]) -> tuple[float, float]:
@@ -117,7 +88,19 @@ def run(bed: Bed, *, quick: bool) -> dict[str, Any]:
     domains = {name: domain_name(namespace, name) for name in names}
     clock = time.monotonic()
     try:
-        _boot(bed, namespace, node, names)
+        # each counts once its guest printed GUEST-READY, by which time its key reader holds the keyboard open
+        start_vms(
+            bed,
+            namespace,
+            node=node,
+            kinds=dict.fromkeys(names, "coop"),
+            policy=None,
+            watch_timeout=120,
+            coop_batch=BATCH,
+            restart_policy=RESTART_POLICY,
+            poweroff_after=POWEROFF_AFTER,
+            poweroff_from="key",
+        )
         booted = time.monotonic() - clock
         time.sleep(SETTLE_SECONDS)
         vm_watch = bed.watch(namespace)

@@ -52,7 +52,7 @@ from kubernetes.client import (
 )
 
 from testbed import controllers
-from testbed.processes import free_ports, tail, tail_file, terminate
+from testbed.processes import built_path, free_ports, tail_file, terminate
 from testbed.wait import WaitTimeout, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,18 +88,13 @@ class _PortTaken(Exception):
 
 
 def find_binaries() -> Path:
-    """Ask build.sh for the binaries so that the cache key (versions + go.sum) lives in one place only.
-
-    On a machine without the cache this builds for many minutes; that is the price of having no
+    """On a machine without the cache this builds for many minutes; that is the price of having no
     downloadable kube-apiserver here, and it is paid once per machine.
     """
-    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise ControlPlaneError(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); its stderr ends with:\n{tail(proc.stderr)}"
-        )
-    bin_dir = Path(lines[-1])
+    try:
+        bin_dir = Path(built_path(BUILD_SCRIPT))
+    except RuntimeError as error:
+        raise ControlPlaneError(str(error)) from None
     missing = [b for b in ("etcd", "kube-apiserver", "kubectl") if not (bin_dir / b).is_file()]
     if missing:
         raise ControlPlaneError(f"{BUILD_SCRIPT} printed {bin_dir} but it lacks {', '.join(missing)}")

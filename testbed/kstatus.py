@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from testbed.processes import tail
+from testbed.processes import built_path, tail
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "kstatus" / "build.sh"
 
@@ -32,15 +32,12 @@ class Verdict(NamedTuple):
 
 @functools.cache
 def binary() -> Path:
-    """Ask build.sh for the binary, so that its cache key lives in one place; the first call on a machine
-    without the cache downloads the Go modules and builds (seconds to a minute), later ones only look."""
-    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False, timeout=600)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise KstatusError(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); its stderr ends with:\n{tail(proc.stderr)}"
-        )
-    return Path(lines[-1])
+    """The first call on a machine without the cache downloads the Go modules and builds (seconds to a
+    minute), later ones only look."""
+    try:
+        return Path(built_path(BUILD_SCRIPT, timeout=600))
+    except RuntimeError as error:
+        raise KstatusError(str(error)) from None
 
 
 def verdicts(document: Mapping[str, Any]) -> dict[str, Verdict]:

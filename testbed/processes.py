@@ -26,6 +26,17 @@ def tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def built_path(script: Path, *, timeout: float | None = None) -> str:
+    """What a build.sh of the bed printed last: the path of what it built, or found in its cache. The script
+    holds the cache key (versions and sums) and the build, so that both live in one place. Raises
+    RuntimeError quoting its stderr if it failed."""
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}); its stderr ends with:\n{tail(proc.stderr)}")
+    return lines[-1]
+
+
 def tail_file(path: Path, lines: int = 40) -> str:
     """The end of a log, for an error message; a log that cannot be read says why instead."""
     try:
