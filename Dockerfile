@@ -25,7 +25,8 @@ RUN python3 -m venv --system-site-packages /opt/vmop
 COPY pyproject.toml /src/
 COPY controller /src/controller
 # The Kubernetes client's asyncio twin (kubernetes.aio, 70 MB) is never imported: the operator
-# uses the synchronous client, and kopf its own aiohttp session. Bytecode is compiled here, so that imports
+# takes its configuration (and posts Events) from the synchronous client, and makes its own requests with
+# aiohttp, as kopf does. Bytecode is compiled here, so that imports
 # are fast on a read-only root file system, where nothing could be cached; unchecked hashes stay valid
 # whatever the copy below does to the files' times. -f: the install already left timestamp-checked
 # bytecode for a few modules (attrs), which Python found stale in the image and recompiled on every start.
