@@ -79,6 +79,9 @@ _FAST_RECONNECT_SECONDS = 10.0
 # How long node_memory keeps what it read of a running domain (see there).
 _MEMORY_REREAD = 10.0
 
+# How long an agent shutdown that failed waits to see the guest go down anyway (see _agent_shutdown).
+_AGENT_EOF_GRACE = 1.0
+
 # As many agent calls at once as libvirtd serves on one connection by default (max_client_requests).
 _AGENT_THREADS = 5
 
@@ -135,6 +138,23 @@ def _keep_alive(conn: Any) -> None:
 def _lookup(conn: Any, uuid: str) -> Any:
     """Domains are acted on by UUID (the VirtualMachine's UID): a name can be taken by another domain."""
     return conn.lookupByUUIDString(uuid)
+
+
+def _going_down(domain: Any, *, within: float) -> bool:
+    """Whether the domain is shutting down or off, or becomes so within `within` seconds (polled)."""
+    until = time.monotonic() + within
+    while True:
+        try:
+            state = domain.state()[0]
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # a transient domain gone with its guest
+                return True
+            raise
+        if state in (libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTOFF):
+            return True
+        if time.monotonic() >= until:
+            return False
+        time.sleep(0.05)
 
 
 def _metadata(domain: Any, uri: str, flags: int) -> str | None:
@@ -556,7 +576,16 @@ class Hypervisor:
             # Without an agent channel this fails, and so does shutdownFlags below: at once, with the reason.
             with contextlib.suppress(libvirt.libvirtError):
                 domain.agentSetResponseTimeout(math.ceil(self._agent_timeout), 0)
-            domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+            try:
+                domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+            except libvirt.libvirtError as error:
+                # qemu-ga sends no reply to guest-shutdown, and libvirt waits for QEMU's SHUTDOWN event
+                # instead: a guest that powers off fast closes the agent's socket first, and libvirt reports
+                # "End of file from agent socket" (an internal error) for a request that worked. A guest on
+                # its way off took it. Any other refusal (no agent, a hung one) goes to the next method at once.
+                lost_agent = error.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR
+                if not (lost_agent and _going_down(domain, within=_AGENT_EOF_GRACE)):
+                    raise
 
         return agent_shutdown
 

@@ -225,3 +225,54 @@ def test_actions_are_told_and_the_node_memory_read_follows_starts_and_stops(tmp_
             await hypervisor.close()
 
     asyncio.run(scenario())
+
+
+class _GoingDomain:
+    """A domain whose agent shutdown fails as libvirt reports a guest that closed the agent's socket first."""
+
+    def __init__(self, states: list[int], code: int) -> None:
+        self.states = states
+        self.code = code
+
+    def agentSetResponseTimeout(self, _timeout: int, _flags: int) -> None:
+        pass
+
+    def shutdownFlags(self, _flags: int) -> None:
+        raise _error(self.code, libvirt.VIR_FROM_QEMU)
+
+    def state(self) -> list[int]:
+        return [self.states.pop(0) if len(self.states) > 1 else self.states[0], 0]
+
+
+class _OneDomain:
+    def __init__(self, domain: _GoingDomain) -> None:
+        self.domain = domain
+
+    def lookupByUUIDString(self, _uuid: str) -> _GoingDomain:
+        return self.domain
+
+
+_EOF, _UNRESPONSIVE = libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_ERR_AGENT_UNRESPONSIVE
+
+
+@pytest.mark.parametrize(
+    ("states", "code", "accepted"),
+    [
+        ([libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUTOFF], _EOF, True),
+        ([libvirt.VIR_DOMAIN_SHUTDOWN], _EOF, True),
+        ([libvirt.VIR_DOMAIN_RUNNING], _EOF, False),
+        ([libvirt.VIR_DOMAIN_SHUTOFF], _UNRESPONSIVE, False),  # not the lost socket: refused, looked at no more
+    ],
+)
+def test_an_agent_shutdown_whose_guest_goes_down_anyway_was_accepted(
+    states: list[int], code: int, accepted: bool
+) -> None:
+    """qemu-ga does not answer guest-shutdown: a fast guest closes the socket before libvirt sees QEMU's
+    SHUTDOWN event, and the call fails for a request that worked (seen in the e2e agent test)."""
+    shutdown = Hypervisor("test:///default", agent_timeout=1)._agent_shutdown("uid")
+    conn = _OneDomain(_GoingDomain(states, code))
+    if accepted:
+        shutdown(conn)
+    else:
+        with pytest.raises(libvirt.libvirtError):
+            shutdown(conn)
