@@ -94,12 +94,12 @@ class StatusWriter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._pending is None or self._pending == self._written:
+            if self.settled:
                 self._held_since = None
                 continue
             await self._linger()
             status, self._held_since = self._pending, None  # a status submitted from now on is held anew
-            if status is None or status == self._written:
+            if status is None or self.settled:
                 continue
             try:
                 await self._write(status)
