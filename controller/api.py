@@ -157,7 +157,8 @@ class ShutdownPolicy(_Model):
         le=86400,
         description=(
             "Re-send the shutdown request this often, for guests that miss the first one (a booting OS misses "
-            "the ACPI power button). 0 sends it once."
+            "the ACPI power button). 0 sends it once. Nothing is re-sent in the last second before a forced "
+            "stop: no guest would finish shutting down in it, and the force is made ready then."
         ),
     )
     methods: Annotated[

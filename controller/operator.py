@@ -69,6 +69,7 @@ from controller.reconcile import (
 )
 from controller.reconcile import Settings as DecisionSettings
 from controller.settings import Settings
+from controller.shutdown import FORCE_LEAD
 from controller.statuswriter import StatusWriter
 from controller.storage import StorageCheck, StorageInspector
 
@@ -77,10 +78,10 @@ Key = tuple[str, str]
 _MAX_BACKOFF = 60.0
 # Past a deadline whose force failed, it is tried again this often, whatever the backoff says.
 _OVERDUE_RETRY = 1.0
-# This long before a force's deadline, a worker with nothing else to do before it decides the force and arms
-# it (see VmWorker._look_ahead): a hundred VMs sharing a deadline cost the event loop tenths of a second of
-# steps, which must not be spent at the deadline itself.
-_FORCE_LEAD = 1.0
+# This long before a force's deadline (no request is re-sent in it: shutdown.FORCE_LEAD), a worker decides
+# the force and arms it (see VmWorker._look_ahead): a hundred VMs sharing a deadline cost the event loop
+# tenths of a second of steps, which must not be spent at the deadline itself.
+_FORCE_LEAD = FORCE_LEAD.total_seconds()
 _FIRST_RELIST_RETRY = 2.0
 # The maintenance plan is made at most this often: one plan covers a burst of steps (a thousand VMs
 # starting would otherwise cost a plan of all of them per step), and the order it keeps is between groups

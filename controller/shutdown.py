@@ -25,6 +25,14 @@ from controller.api import (
 RECENT_ATTEMPTS_KEPT = 10
 FORCE_METHOD = "Force"
 
+FORCE_LEAD = timedelta(seconds=1)
+"""The last stretch before a deadline that ends in a force belongs to the force: no request is re-sent in
+it (no guest finishes a shutdown in a second, so such a request could only compete with the force for the
+node), and the shell decides the force at its start and arms it (operator.VmWorker._look_ahead), so that
+at the deadline nothing is left to do but send the destroy. The retry interval counts from the end of each
+request, so re-sends drift: before this rule one fell a few tenths of a second before the deadline, and
+with 100 VMs at once the force behind it was ready only 0.4 s ahead at the median, and some 0.4 s late."""
+
 
 class StepKind(StrEnum):
     REQUEST = "Request"
@@ -104,6 +112,8 @@ def next_step(policy: ShutdownPolicy, record: ShutdownRecord, now: datetime) -> 
     if record.attempts == 0 or last is None:
         return Step(StepKind.REQUEST, record, methods=methods, overdue=overdue)
     next_retry = last + timedelta(seconds=policy.retry_interval_seconds) if policy.retry_interval_seconds else None
+    if next_retry is not None and forcing and max(now, next_retry) >= deadline - FORCE_LEAD:
+        next_retry = None  # the force's last stretch (FORCE_LEAD): the first request is the only one sent in it
     if next_retry is not None and now >= next_retry:
         return Step(StepKind.REQUEST, record, methods=methods, overdue=overdue)
     wakes = [t for t in (next_retry, None if overdue else deadline) if t is not None]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -15,6 +15,7 @@ from controller.api import (
     ShutdownRecord,
 )
 from controller.shutdown import (
+    FORCE_LEAD,
     RECENT_ATTEMPTS_KEPT,
     Step,
     StepKind,
@@ -147,6 +148,47 @@ def test_wake_at_is_the_next_retry_or_the_deadline_whichever_first(
     step = next_step(pol, started(pol), now)
     assert step.kind is WAIT
     assert step.wake_at == wake_at
+
+
+def test_no_resend_in_the_forces_last_second() -> None:
+    """FORCE_LEAD before a force is the force's: the re-send due at 4 s of a 5 s grace is not sent."""
+    log, _ = run(policy(grace_period_seconds=5, retry_interval_seconds=1), until=T0 + s(100))
+    assert log == [(REQUEST, T0 + s(k)) for k in range(4)] + [(FORCE, T0 + s(5))]
+    assert s(1) == FORCE_LEAD
+
+
+@pytest.mark.parametrize(
+    ("last", "now"),
+    [
+        (s(3) + US, s(3) + US),  # drifted: the next re-send would fall a microsecond into the last second
+        (s(3.2), s(4.1)),  # a re-send due before the last second, but looked at only inside it
+        (s(3), s(4)),  # due exactly as the last second begins
+    ],
+)
+def test_a_resend_that_would_land_in_the_last_second_waits_for_the_force(last: timedelta, now: timedelta) -> None:
+    pol = policy(grace_period_seconds=5, retry_interval_seconds=1)
+    record = send(next_step(pol, started(pol), T0 + last), T0 + last)
+    step = next_step(pol, record, T0 + now)
+    assert step.kind is WAIT
+    assert step.wake_at == T0 + s(5), "the force is next"
+
+
+def test_the_last_resend_before_the_forces_last_second_is_still_sent() -> None:
+    pol = policy(grace_period_seconds=5, retry_interval_seconds=1)
+    record = send(next_step(pol, started(pol), T0 + s(2.9)), T0 + s(2.9))
+    assert next_step(pol, record, T0 + s(3.9)).kind is REQUEST
+
+
+def test_the_first_request_is_sent_even_inside_the_last_second() -> None:
+    pol = policy(grace_period_seconds=1, retry_interval_seconds=1)
+    log, _ = run(pol, until=T0 + s(10))
+    assert log == [(REQUEST, T0), (FORCE, T0 + s(1))]
+
+
+def test_without_a_force_the_last_second_before_the_deadline_is_no_different() -> None:
+    pol = policy(grace_period_seconds=5, retry_interval_seconds=1, force_after_deadline=False)
+    log, _ = run(pol, until=T0 + s(6))
+    assert [t for _, t in log] == [T0 + s(k) for k in range(7)]
 
 
 # --- forcing -------------------------------------------------------------------------------------------
