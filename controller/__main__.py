@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,10 +138,20 @@ def tune_garbage_collection() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
+def hand_the_interpreter_over_sooner() -> None:
+    """An armed force wakes at its deadline on a thread of its own and must take the interpreter from
+    whatever runs (the event loop stepping other VMs, the libvirt and status threads) before it can send the
+    destroy. CPython hands it over after 5 ms by default, and a busy operator passes it around among many
+    threads before the force's turn comes: with 100 VMs at once the send lagged its deadline by 0.035 s at
+    p99 (bench, deadline). A 1 ms interval makes each of those turns shorter."""
+    sys.setswitchinterval(0.001)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = from_args(argv)
     configure_logging(settings.log_format, settings.log_level)
     tune_garbage_collection()
+    hand_the_interpreter_over_sooner()
     logging.getLogger("vmop").info(
         "vmop starting for node %s on %s", settings.node_name, settings.libvirt_uri, extra={"node": settings.node_name}
     )

@@ -606,14 +606,32 @@ class Hypervisor:
 
         def destroy(flags: int, armed: bool = False) -> Callable[[Any], bool]:
             def run(conn: Any) -> bool:
-                if armed and called_off.wait(max(0.0, due - time.monotonic())):
-                    return False
+                domain, ahead = None, 0.0
+                if armed:
+                    # Looked up while waiting, so that at the deadline only the destroy is left to send. A
+                    # failure here is no failure of the force: it looks again when due, never sooner.
+                    with contextlib.suppress(libvirt.libvirtError):
+                        domain = _lookup(conn, uuid)
+                    ahead = due - time.monotonic()
+                    if called_off.wait(max(0.0, ahead)):
+                        return False
+                late = time.monotonic() - due
                 self._on_action("destroy")  # here, on the force's thread: an armed destroy called off is none
                 try:
-                    _lookup(conn, uuid).destroyFlags(flags)
+                    (domain or _lookup(conn, uuid)).destroyFlags(flags)
                 except libvirt.libvirtError as error:
                     if error.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
                         raise
+                if armed:
+                    # The operator's own share of a late force (the rest is libvirtd's and QEMU's), and how long
+                    # before the deadline it was ready to send (too little: its arming came late).
+                    logger.info(
+                        "destroy sent %.4fs after it fell due (armed %.4fs, ready %.4fs before)",
+                        late,
+                        delay,
+                        ahead,
+                        extra={"domain": uuid, "late": late, "armed": delay, "ahead": ahead},
+                    )
                 return True
 
             return run

@@ -8,14 +8,18 @@ stop causes, lifecycle events, forcing off, and refusals reported per method.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
 
 from controller import domainxml
+from controller import hypervisor as hypervisor_module
 from controller.api import DomainSpec, ShutdownMethod, ShutdownPurpose
 from controller.hypervisor import Hypervisor, Lane, is_connection_error
 from controller.reconcile import DomainState, StopCause
@@ -127,7 +131,35 @@ def test_connection_failures_are_told_from_request_failures(
     assert is_connection_error(_error(code, domain), _Conn(alive)) is connection  # type: ignore[arg-type]
 
 
-def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_called_off() -> None:
+async def _running_domains(hypervisor: Hypervisor, count: int) -> list[str]:
+    """`count` firmware-only domains defined and started on the test driver; their UUIDs."""
+    host = domainxml.HostDefaults(virt_type="test")
+    nothing = ResolvedStorage(kernel=None, initrd=None, disks=())
+    uids = [str(uuid.uuid4()) for _ in range(count)]
+    for uid in uids:
+        xml = domainxml.build(
+            name=f"ns_{uid[:8]}",
+            namespace="ns",
+            vm_name=uid[:8],
+            uid=uid,
+            spec=DomainSpec(memoryMiB=16),
+            host=host,
+            storage=nothing,
+        )
+        await hypervisor.define(xml)
+        await hypervisor.start_domain(uid)
+    return uids
+
+
+async def _state(hypervisor: Hypervisor, uid: str) -> DomainState:
+    domain = await hypervisor.observe(f"ns_{uid[:8]}")
+    assert domain is not None
+    return domain.state
+
+
+def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_called_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def scenario() -> None:
         connected = asyncio.Event()
         actions: list[str] = []
@@ -136,26 +168,10 @@ def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_c
         await hypervisor.open()
         try:
             await asyncio.wait_for(connected.wait(), timeout=5)
-            host = domainxml.HostDefaults(virt_type="test")
-            nothing = ResolvedStorage(kernel=None, initrd=None, disks=())
-            uids = [str(uuid.uuid4()) for _ in range(3)]
-            for uid in uids:
-                xml = domainxml.build(
-                    name=f"ns_{uid[:8]}",
-                    namespace="ns",
-                    vm_name=uid[:8],
-                    uid=uid,
-                    spec=DomainSpec(memoryMiB=16),
-                    host=host,
-                    storage=nothing,
-                )
-                await hypervisor.define(xml)
-                await hypervisor.start_domain(uid)
+            uids = await _running_domains(hypervisor, 3)
 
             async def state(uid: str) -> DomainState:
-                domain = await hypervisor.observe(f"ns_{uid[:8]}")
-                assert domain is not None
-                return domain.state
+                return await _state(hypervisor, uid)
 
             loop = asyncio.get_running_loop()
             began = loop.time()
@@ -171,9 +187,49 @@ def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_c
             assert [await state(uid) for uid in uids] == [DomainState.STOPPED, DomainState.STOPPED, DomainState.RUNNING]
             assert len(hypervisor._idle_forces) >= 2, "the two forces had connections of their own, kept for reuse"
             assert actions.count("destroy") == 2, "a force called off is no action"
+            sent = [r for r in caplog.records if r.getMessage().startswith("destroy sent")]
+            assert sorted(r.__dict__["domain"] for r in sent) == sorted(uids[:2]), "each armed force says when"
+            assert all(r.__dict__["late"] >= 0 for r in sent), "never before it fell due"
             for uid in uids:
                 await hypervisor.force_off(uid)
                 await hypervisor.undefine(uid)
+        finally:
+            await hypervisor.close()
+
+    with caplog.at_level(logging.INFO, logger="vmop.hypervisor"):
+        asyncio.run(scenario())
+
+
+def test_an_armed_force_whose_early_look_up_fails_is_still_sent_when_due_and_not_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The armed destroy looks its domain up while it waits; a failed look must neither fail the force
+    (its fallback, a plain destroy, would then go out at once, before the deadline) nor delay it."""
+    looks: list[float] = []
+    real_lookup = hypervisor_module._lookup
+
+    def flaky_lookup(conn: Any, uid: str) -> Any:
+        looks.append(time.monotonic())
+        if len(looks) == 1:
+            raise _error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_QEMU)
+        return real_lookup(conn, uid)
+
+    async def scenario() -> None:
+        hypervisor = Hypervisor("test:///default")
+        await hypervisor.open()
+        try:
+            await asyncio.wait_for(hypervisor.wait_connected(), timeout=5)
+            (uid,) = await _running_domains(hypervisor, 1)
+            monkeypatch.setattr(hypervisor_module, "_lookup", flaky_lookup)
+            began = time.monotonic()
+            force = asyncio.create_task(hypervisor.force_off(uid, delay=0.3))
+            await asyncio.sleep(0.15)
+            assert len(looks) == 1, "looked up ahead, and failed"
+            assert await _state(hypervisor, uid) is DomainState.RUNNING, "the failed look sent nothing early"
+            assert await force is True
+            assert looks[1] - began >= 0.3, "looked up again only when due"
+            assert await _state(hypervisor, uid) is DomainState.STOPPED
+            await hypervisor.undefine(uid)
         finally:
             await hypervisor.close()
 
