@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bed import Bed, parallel
+from bench.shutdown import COOP_BATCH, chunks
 
 SCRIPT = Path("/usr/lib/libvirt/libvirt-guests.sh")
 _SED = (
@@ -75,8 +76,7 @@ def _run_once(bed: Bed, tool: LibvirtGuests, *, coop: int, stubborn: int, grace:
     stubborns = [f"lg-{label}-fw-{i:02d}" for i in range(stubborn)]
     try:
         parallel(lambda name: bed.libvirt.create_guest(name, "firmware"), stubborns, threads=8)
-        for i in range(0, len(coops), 4):
-            batch = coops[i : i + 4]
+        for batch in chunks(coops, COOP_BATCH):
             for name in batch:
                 bed.libvirt.create_guest(name, "coop")
             for name in batch:

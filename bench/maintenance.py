@@ -245,7 +245,7 @@ def node_maintenance(bed: Bed, group_count: int, per_group: int, coop_per_group:
         "taint": TAINT_NAME,
     }
     try:
-        # Firmware guests all at once, cooperative ones 3 at a time, each once acpid listens.
+        # Firmware guests all at once, then the cooperative ones, each once acpid listens.
         start_vms(
             bed,
             namespace,

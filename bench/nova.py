@@ -48,6 +48,7 @@ requests they sent (`requests_sent`; vmop's from `status.shutdown.attempts`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -257,7 +258,10 @@ def _vmop(bed: Bed, sizes: Sequence[int]) -> dict[str, Any]:
     node = f"node-{namespace}"
     operator = bed.operator(node)
     try:
-        return {str(n): vmop_force_round(bed, namespace, node, n, grace=GRACE, retry=RETRY_INTERVAL) for n in sizes}
+        return {
+            str(n): vmop_force_round(bed, operator, namespace, node, n, grace=GRACE, retry=RETRY_INTERVAL)
+            for n in sizes
+        }
     finally:
         operator.stop()
         end_section(bed, namespace)
@@ -275,7 +279,13 @@ def run(bed: Bed, *, quick: bool) -> dict[str, Any]:
         with contextlib.suppress(libvirt.libvirtError):
             bed.remove_domains(prefix)
     return {
-        "settings": {"grace": GRACE, "retry_interval": RETRY_INTERVAL, "guest": GUEST, "nova_source": NOVA_SOURCE},
+        "settings": {
+            "grace": GRACE,
+            "retry_interval": RETRY_INTERVAL,
+            "guest": GUEST,
+            "nova_source": NOVA_SOURCE,
+            "libvirtd": dataclasses.asdict(bed.libvirt.limits),
+        },
         "nova": nova,
         "vmop": _vmop(bed, sizes),
     }

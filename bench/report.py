@@ -201,6 +201,17 @@ def table(results: dict[str, Any]) -> str:
                     "SIGTERM p99 < 0.02, none early, N=100 tuned" if n == "100" and label == "tuned" else "",
                 )
             )
+            sent, after = d.get("destroy_sent") or {}, d.get("destroy_sent_to_sigterm") or {}
+            if "p99" in sent and "p99" in after:
+                rows.append(
+                    (
+                        "  of which: deadline to destroy sent (operator); sent to SIGTERM (libvirtd, QEMU) (s)",
+                        f"p50 {_f(sent['p50'])}  p99 {_f(sent['p99'])}  max {_f(sent['max'])}; "
+                        f"p50 {_f(after['p50'])}  p99 {_f(after['p99'])}  max {_f(after['max'])}; "
+                        f"not armed {d.get('destroy_not_armed')}",
+                        "",
+                    )
+                )
     rows += nova.rows(results.get("nova") or {})
     g = results.get("graceful_detection") or {}
     if "p50" in g:

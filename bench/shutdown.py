@@ -18,11 +18,16 @@ import libvirt
 from bench.bed import Bed, parallel
 from bench.stats import percentile, summary
 from testbed.libvirthost import DaemonLimits
-from testbed.vmop import parse_time, vm_manifest
+from testbed.vmop import OperatorProcess, parse_time, vm_manifest
 
 # Guest QEMU processes starting up compete with the operator for the 2 cores; a stop measured while
 # they still boot would measure the boot.
 SETTLE_SECONDS = 2.0
+
+COOP_BATCH = 10
+"""Cooperative guests booted at a time. Each boot costs ~5 CPU-seconds under TCG whatever the batch, and
+smaller batches only add each batch's idle tail (batches of 5 made the unasked section 120 s instead of
+87 s); 10 at once boot well within the readiness timeout on 2 busy cores."""
 
 
 def domain_name(namespace: str, name: str) -> str:
@@ -56,12 +61,11 @@ def start_vms(
     kinds: dict[str, str],
     policy: dict[str, Any] | None,
     watch_timeout: float,
-    coop_batch: int = 3,
     priorities: dict[str, int] | None = None,
     **manifest: Any,
 ) -> None:
-    """Create the VMs through vmop and wait until each runs; cooperative guests boot a few at a time (each
-    boot costs ~5 CPU-seconds under TCG) and count only once acpid listens, or the first ACPI press is lost.
+    """Create the VMs through vmop and wait until each runs; cooperative guests boot COOP_BATCH at a time
+    and count only once acpid listens, or the first ACPI press is lost.
     manifest: more of vm_manifest's arguments, the same for every VM."""
     vms = bed.vms(namespace)
     vm_watch = bed.watch(namespace)
@@ -83,7 +87,7 @@ def start_vms(
         firmware = [n for n, k in kinds.items() if k != "coop"]
         parallel(create, firmware)
         vm_watch.wait_all(firmware, "Running", timeout=watch_timeout)
-        for batch in chunks([n for n, k in kinds.items() if k == "coop"], coop_batch):
+        for batch in chunks([n for n, k in kinds.items() if k == "coop"], COOP_BATCH):
             parallel(create, batch)
             vm_watch.wait_all(batch, "Running", timeout=watch_timeout)
             for name in batch:
@@ -129,9 +133,24 @@ def forced_summary(n: int, samples: Sequence[tuple[float, float]], grace: float 
     }
 
 
-def vmop_force_round(bed: Bed, namespace: str, node: str, n: int, *, grace: int, retry: int) -> dict[str, Any]:
+def destroys_sent(operator: OperatorProcess) -> dict[str, tuple[float, float]]:
+    """Per domain UUID (the VM's uid), from the operator's log ("destroy sent ..."), on its own clock: how
+    late after its deadline it sent its armed destroy (the operator's share of a force's overshoot; the
+    rest, to QEMU's SIGTERM, is libvirtd's and the machine's), and how long before the deadline the destroy
+    was ready to send (armed, connected, the domain looked up)."""
+    return {
+        r["domain"]: (float(r["late"]), float(r["ahead"]))
+        for r in operator.log_records()
+        if str(r.get("message", "")).startswith("destroy sent") and "late" in r and "ahead" in r
+    }
+
+
+def vmop_force_round(
+    bed: Bed, operator: OperatorProcess, namespace: str, node: str, n: int, *, grace: int, retry: int
+) -> dict[str, Any]:
     """N firmware-only guests (they ignore ACPI) created through vmop and set to Stopped at once: when did
-    each get its SIGTERM (QEMU's log) and stop (the listener) against the deadline in its status?"""
+    each get its SIGTERM (QEMU's log) and stop (the listener) against the deadline in its status, and when
+    did the operator send the destroy (its log)?"""
     names = [f"fw{n}-{i:03d}" for i in range(n)]
     start_vms(
         bed,
@@ -150,10 +169,12 @@ def vmop_force_round(bed: Bed, namespace: str, node: str, n: int, *, grace: int,
         vm_watch.wait_all([x for x in names if domain_name(namespace, x) in stops], "Stopped", timeout=60)
     finally:
         vm_watch.stop()
-    samples, attempts, outcomes, deadlines = [], [], [], []
+    sent = destroys_sent(operator)
+    samples, attempts, outcomes, deadlines, sent_late, sent_to_sigterm, ready = [], [], [], [], [], [], []
     for name in names:
         domain = domain_name(namespace, name)
-        shutdown = ((vms.get(name) or {}).get("status") or {}).get("shutdown") or {}
+        body = vms.get(name) or {}
+        shutdown = (body.get("status") or {}).get("shutdown") or {}
         stopped = stops.get(domain)
         sigterm = sigterm_time(bed, domain, since)
         if not shutdown.get("deadline") or stopped is None or sigterm is None:
@@ -163,6 +184,11 @@ def vmop_force_round(bed: Bed, namespace: str, node: str, n: int, *, grace: int,
         samples.append((sigterm - deadline, stopped - deadline))
         attempts.append(int(shutdown.get("attempts") or 0))
         outcomes.append(shutdown.get("outcome"))
+        if (destroy := sent.get(body["metadata"]["uid"])) is not None:
+            late, ahead = destroy
+            sent_late.append(late)
+            sent_to_sigterm.append(sigterm - deadline - late)
+            ready.append(ahead)
     result = forced_summary(
         n,
         samples,
@@ -170,6 +196,11 @@ def vmop_force_round(bed: Bed, namespace: str, node: str, n: int, *, grace: int,
         requests_sent=sum(attempts),
         forced=sum(1 for o in outcomes if o == "Forced"),
         deadlines_spread=round(max(deadlines) - min(deadlines), 4) if deadlines else None,
+        destroy_sent=summary(sent_late),
+        destroy_sent_to_sigterm=summary(sent_to_sigterm),
+        destroy_ready_ahead={"min": round(min(ready), 4) if ready else None, "p50": round(percentile(ready, 50), 4)},
+        # forced without being armed ahead (decided only at or after the deadline): none in the log
+        destroy_not_armed=len(samples) - len(sent_late),
     )
     print(f"  vmop N={n}: { {k: v for k, v in result.items() if k != 'samples'} }", flush=True)
     return result
@@ -232,7 +263,7 @@ def deadline_overshoot(
         try:
             for n in sizes:
                 print(f"  libvirtd {label} {daemon_limits}:", flush=True)
-                results[label][str(n)] = vmop_force_round(bed, namespace, node, n, grace=grace, retry=retry)
+                results[label][str(n)] = vmop_force_round(bed, operator, namespace, node, n, grace=grace, retry=retry)
         finally:
             operator.stop()
             end_section(bed, namespace)
@@ -308,7 +339,6 @@ def parallel_vmop(bed: Bed, coop: int, stubborn: int, grace: int) -> dict[str, A
             kinds=kinds,
             policy={"gracePeriodSeconds": grace, "retryIntervalSeconds": 1},
             watch_timeout=120,
-            coop_batch=4,
         )
         time.sleep(SETTLE_SECONDS)
         since = _stop_all(bed, namespace, names)

@@ -37,10 +37,6 @@ RESTART_POLICY = "OnFailure"
 """Leaves a guest that powered itself off cleanly off (Always would start it again at once, and the start
 would blur the figure), yet still makes the operator judge the stop's cause: a stop taken for a crash or
 an outside destroy would be started again, and show in `restarted`."""
-BATCH = 10
-"""Guests booted at a time: all of them. Each boot costs ~5 CPU-seconds under TCG either way, and booting
-in smaller batches only adds each batch's idle tail (batches of 5 made the section 120 s instead of 87 s
-on the loaded machine); 10 at once still boot well within the readiness timeout on 2 busy cores."""
 HOLD_SECONDS = 1.0
 """How long after the last status the bench watches for a restart the policy should not make."""
 KEY_SPACE = 57
@@ -96,7 +92,6 @@ def run(bed: Bed, *, quick: bool) -> dict[str, Any]:
             kinds=dict.fromkeys(names, "coop"),
             policy=None,
             watch_timeout=120,
-            coop_batch=BATCH,
             restart_policy=RESTART_POLICY,
             poweroff_after=POWEROFF_AFTER,
             poweroff_from="key",
