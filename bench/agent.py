@@ -21,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Any
 
 import libvirt
@@ -251,35 +250,21 @@ def _agent_calls_in_flight(bodies: Sequence[dict[str, Any] | None], instant: flo
     return count
 
 
+_SPACING = 0.75
+"""Seconds between the neighbours' stops, so that their deadlines fall one by one."""
+
+
 def neighbour_force(
-    bed: Bed, namespace: str, node: str, *, hung: int, count: int, grace: int, while_booting: Callable[[], None]
+    bed: Bed, namespace: str, node: str, *, names: Sequence[str], count: int, grace: int
 ) -> dict[str, Any]:
-    """Figure 3: a neighbour's force overshoot with no hung agents, with `hung` hung-agent guests idle, and
-    with their stops in flight (each request: an agent call that times out, then ACPI, which they ignore).
-
-    `while_booting` starts as the hung guests begin to boot and is waited for before the next round: the
-    run's one long wait (libvirt's fixed 60 s for the `ignore` guest) then costs no time of its own, and no
-    round measures beside it."""
+    """Figure 3, with the hung-agent guests `names` running: a neighbour's force overshoot while they are
+    idle, and while their stops are in flight (each request: an agent call that times out, then ACPI, which
+    they ignore). The round with no hung agent at all is run before they exist (agent_costs)."""
     vms = bed.vms(namespace)
-    spacing = 0.75
+    hung = len(names)
     agent_timeout = operator_agent_timeout()
-    results: dict[str, Any] = {"hung_guests": hung, "grace": grace, "spacing": spacing, "agent_timeout": agent_timeout}
-    results["none"], _ = _neighbours(bed, namespace, node, "none", count=count, grace=grace, spacing=spacing)
-    print(f"  neighbour force, no hung agents: {results['none']}", flush=True)
-
-    names = [f"hung-{i:02d}" for i in range(hung)]
-    policy = {"methods": AGENT_FIRST, "gracePeriodSeconds": _HUNG_GRACE, "retryIntervalSeconds": 1}
-    with ThreadPoolExecutor(1, thread_name_prefix="beside-boot") as beside:
-        done = beside.submit(while_booting)
-        _boot_agent_guests(
-            bed,
-            namespace,
-            node,
-            {n: {"agent": "hung", "ignore_presses": 1000, "shutdown_policy": policy} for n in names},
-        )
-        done.result()  # its failure is the section's
-    time.sleep(SETTLE_SECONDS)
-    results["idle"], _ = _neighbours(bed, namespace, node, "idle", count=count, grace=grace, spacing=spacing)
+    results: dict[str, Any] = {}
+    results["idle"], _ = _neighbours(bed, namespace, node, "idle", count=count, grace=grace, spacing=_SPACING)
     print(f"  neighbour force, {hung} hung-agent guests running, not asked: {results['idle']}", flush=True)
 
     # Stopped one after another across one request cycle (the agent timeout, then the retry interval), so
@@ -299,7 +284,7 @@ def neighbour_force(
             what="a first request",
         )
     results["in_flight"], deadlines = _neighbours(
-        bed, namespace, node, "inflight", count=count, grace=grace, spacing=spacing
+        bed, namespace, node, "inflight", count=count, grace=grace, spacing=_SPACING
     )
     # the agent calls in flight at the last deadline end up to one agent timeout later
     if deadlines:
@@ -326,21 +311,36 @@ def agent_costs(bed: Bed, hung: int, neighbours: int, neighbour_grace: int) -> d
     agent_timeout = operator_agent_timeout()
     calls: list[_Call] = []
     results: dict[str, Any] = {"agent_timeout": agent_timeout, "call_cap": CALL_CAP_SECONDS}
+    neighbour: dict[str, Any] = {"hung_guests": hung, "grace": neighbour_grace, "spacing": _SPACING}
+    neighbour["agent_timeout"] = agent_timeout
     try:
-        # vmop-hung is stopped through vmop; the other two are left to the bench's own libvirt calls and stay
-        # off once they power off (restartPolicy Never): vmop never asks them anything.
-        _boot_agent_guests(
-            bed,
-            namespace,
-            node,
-            {
-                "vmop-hung": {"agent": "hung", "shutdown_policy": {"methods": AGENT_FIRST}},
-                "default-hung": {"agent": "hung", "restart_policy": "Never"},
-                "acpi-hung": {"agent": "hung", "restart_policy": "Never"},
-                # for reference: an agent that takes guest-shutdown and never answers (nor powers off)
-                "ignore-default": {"agent": "ignore", "restart_policy": "Never"},
-            },
+        # The neighbours' reference, before any hung agent exists.
+        neighbour["none"], _ = _neighbours(
+            bed, namespace, node, "none", count=neighbours, grace=neighbour_grace, spacing=_SPACING
         )
+        print(f"  neighbour force, no hung agents: {neighbour['none']}", flush=True)
+        # For reference, libvirt's default call on an agent that takes guest-shutdown and ignores it: libvirt
+        # holds it for a fixed 60 s, so it is made as soon as its guest is up, and runs while the other guests
+        # boot and figures 1 and 2 are taken (each on a guest and a connection of its own); no neighbour round
+        # runs beside it.
+        _boot_agent_guests(bed, namespace, node, {"ignore-default": {"agent": "ignore", "restart_policy": "Never"}})
+        ignore = start_call(bed, namespace, "ignore-default", flags=libvirt.VIR_DOMAIN_SHUTDOWN_DEFAULT, calls=calls)
+        # vmop-hung is stopped through vmop; the other two are left to the bench's own libvirt calls and stay
+        # off once they power off (restartPolicy Never): vmop never asks them anything. The hung-* guests
+        # are figure 3's.
+        hung_names = [f"hung-{i:02d}" for i in range(hung)]
+        hung_policy: dict[str, Any] = {
+            "methods": AGENT_FIRST,
+            "gracePeriodSeconds": _HUNG_GRACE,
+            "retryIntervalSeconds": 1,
+        }
+        guests: dict[str, dict[str, Any]] = {
+            "vmop-hung": {"agent": "hung", "shutdown_policy": {"methods": AGENT_FIRST}},
+            "default-hung": {"agent": "hung", "restart_policy": "Never"},
+            "acpi-hung": {"agent": "hung", "restart_policy": "Never"},
+        }
+        guests |= {n: {"agent": "hung", "ignore_presses": 1000, "shutdown_policy": hung_policy} for n in hung_names}
+        _boot_agent_guests(bed, namespace, node, guests)
         time.sleep(SETTLE_SECONDS)
         results["vmop"] = vmop_stop(bed, namespace, "vmop-hung", agent_timeout)
         for label, name, flags in (
@@ -349,14 +349,10 @@ def agent_costs(bed: Bed, hung: int, neighbours: int, neighbour_grace: int) -> d
         ):
             call = start_call(bed, namespace, name, flags=flags, calls=calls)
             results[label] = call_result(bed, call, cap=CALL_CAP_SECONDS)
-
-        def ignore_default() -> None:
-            """For reference, while the neighbour section's hung guests boot: libvirt holds this call 60 s."""
-            call = start_call(bed, namespace, "ignore-default", flags=libvirt.VIR_DOMAIN_SHUTDOWN_DEFAULT, calls=calls)
-            results["libvirt_default_ignore"] = call_result(bed, call, cap=CALL_CAP_SECONDS)
-
-        results["neighbour"] = neighbour_force(
-            bed, namespace, node, hung=hung, count=neighbours, grace=neighbour_grace, while_booting=ignore_default
+        results["libvirt_default_ignore"] = call_result(bed, ignore, cap=CALL_CAP_SECONDS)
+        time.sleep(SETTLE_SECONDS)
+        results["neighbour"] = neighbour | neighbour_force(
+            bed, namespace, node, names=hung_names, count=neighbours, grace=neighbour_grace
         )
         return results
     finally:

@@ -453,5 +453,4 @@ class Bed:
             names = [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
         finally:
             conn.close()
-        for name in names:
-            self.libvirt.remove_guest(name)
+        parallel(self.libvirt.remove_guest, names, threads=8)
