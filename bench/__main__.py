@@ -141,8 +141,9 @@ def _agent(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
 
 def _scale(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:
     baseline = scale.baseline(bed, sizes.foreign_own)
-    results["scale"] = scale.scale(bed, sizes.scale_vms, sizes.foreign_own, baseline, idle_seconds=sizes.idle_seconds)
-    results["idle"] = results["scale"].pop("idle")
+    results["scale"], results["idle"] = scale.scale(
+        bed, sizes.scale_vms, sizes.foreign_own, baseline, idle_seconds=sizes.idle_seconds
+    )
 
 
 def _storage(bed: Bed, sizes: Sizes, results: dict[str, Any]) -> None:

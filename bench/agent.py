@@ -311,8 +311,12 @@ def agent_costs(bed: Bed, hung: int, neighbours: int, neighbour_grace: int) -> d
     agent_timeout = operator_agent_timeout()
     calls: list[_Call] = []
     results: dict[str, Any] = {"agent_timeout": agent_timeout, "call_cap": CALL_CAP_SECONDS}
-    neighbour: dict[str, Any] = {"hung_guests": hung, "grace": neighbour_grace, "spacing": _SPACING}
-    neighbour["agent_timeout"] = agent_timeout
+    neighbour: dict[str, Any] = {
+        "hung_guests": hung,
+        "grace": neighbour_grace,
+        "spacing": _SPACING,
+        "agent_timeout": agent_timeout,
+    }
     try:
         # The neighbours' reference, before any hung agent exists.
         neighbour["none"], _ = _neighbours(

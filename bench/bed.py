@@ -146,6 +146,47 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class MachineCpu:
+    """How busy the machine's cores were, from /proc/stat read every 50 ms on a thread of its own: what a
+    late force competed with when it fell due (every process of the machine, the bed's and others')."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self._interval = interval
+        self._samples: list[tuple[float, int, int, int]] = []  # (time.time(), busy, steal, total) ticks
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="machine-cpu", daemon=True)
+
+    def __enter__(self) -> MachineCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            # cpu  user nice system idle iowait irq softirq steal guest guest_nice (guest time is in user)
+            ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            idle, steal = ticks[3] + ticks[4], ticks[7]
+            self._samples.append((time.time(), sum(ticks) - idle - steal, steal, sum(ticks)))
+            if self._stopped.wait(self._interval):
+                return
+
+    def share(self, start: float, end: float) -> dict[str, float] | None:
+        """The fractions of all cores' time in [start, end] that went to work (busy) and to the host's other
+        guests (steal); None without two samples around the window."""
+        before = [s for s in self._samples if s[0] <= start]
+        after = [s for s in self._samples if s[0] >= end]
+        if not before or not after:
+            return None
+        (_, busy0, steal0, total0), (_, busy1, steal1, total1) = before[-1], after[0]
+        total = total1 - total0
+        return (
+            {"busy": round((busy1 - busy0) / total, 3), "steal": round((steal1 - steal0) / total, 3)} if total else None
+        )
+
+
 # ---- libvirt: when did a guest really stop
 
 

@@ -106,6 +106,22 @@ def _agent_rows(a: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _budget_rows(budget: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Where a converge run's CPU went, and the least time that work takes on the machine's cores."""
+    spent = budget.get("cpu_seconds_by_process")
+    if not spent:
+        return []
+    return [
+        (
+            "    CPU-s until the last ran, by process; that work spread over the cores: all; all but the operator",
+            ", ".join(f"{name} {_f(seconds, 1)}" for name, seconds in spent.items())
+            + f"; {budget['cores']} cores: {_f(budget['all_work_on_the_cores'], 1)} s; "
+            f"{_f(budget['without_the_operator'], 1)} s",
+            "",
+        )
+    ]
+
+
 def _storage_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
     cold, warm = s.get("cold") or {}, s.get("warm") or {}
     if not cold:
@@ -212,6 +228,14 @@ def table(results: dict[str, Any]) -> str:
                         "",
                     )
                 )
+            if cpu := d.get("machine_cpu_while_due"):
+                rows.append(
+                    (
+                        "  the machine's cores from the first deadline to the last SIGTERM: busy; stolen by the host",
+                        f"{_f(cpu['busy'] * 100, 0)}%; {_f(cpu['steal'] * 100, 0)}%",
+                        "",
+                    )
+                )
     rows += nova.rows(results.get("nova") or {})
     g = results.get("graceful_detection") or {}
     if "p50" in g:
@@ -255,6 +279,7 @@ def table(results: dict[str, Any]) -> str:
                 "< 10 s, <= 4 per VM",
             )
         )
+        rows += _budget_rows(s.get("to_converge") or {})
         r = s.get("restart_1000") or {}
         if "reconciled_seconds" in r:
             rows.append(
@@ -276,6 +301,7 @@ def table(results: dict[str, Any]) -> str:
                     "RSS < 300 MiB",
                 )
             )
+            rows += _budget_rows(b.get("to_converge") or {})
         f = s.get("foreign_990") or {}
         if "converge" in f:
             rows.append(

@@ -15,7 +15,7 @@ from typing import Any
 
 import libvirt
 
-from bench.bed import Bed, parallel
+from bench.bed import Bed, MachineCpu, parallel
 from bench.stats import percentile, summary
 from testbed.libvirthost import DaemonLimits
 from testbed.vmop import OperatorProcess, parse_time, vm_manifest
@@ -164,14 +164,15 @@ def vmop_force_round(
     # firmware guest's start (SETTLE_SECONDS is for figures taken at the stop itself).
     vms = bed.vms(namespace)
     vm_watch = bed.watch(namespace)
-    since = _stop_all(bed, namespace, names)
-    stops = bed.listener.wait_stopped([domain_name(namespace, x) for x in names], since, grace + 30)
-    try:
-        vm_watch.wait_all([x for x in names if domain_name(namespace, x) in stops], "Stopped", timeout=60)
-    finally:
-        vm_watch.stop()
+    with MachineCpu() as cpu:
+        since = _stop_all(bed, namespace, names)
+        stops = bed.listener.wait_stopped([domain_name(namespace, x) for x in names], since, grace + 30)
+        try:
+            vm_watch.wait_all([x for x in names if domain_name(namespace, x) in stops], "Stopped", timeout=60)
+        finally:
+            vm_watch.stop()
     sent = destroys_sent(operator)
-    samples, attempts, outcomes, deadlines, sent_late, sent_to_sigterm, ready = [], [], [], [], [], [], []
+    samples, attempts, outcomes, deadlines, sigterms, sent_late, sent_to_sigterm, ready = [], [], [], [], [], [], [], []
     for name in names:
         domain = domain_name(namespace, name)
         body = vms.get(name) or {}
@@ -182,6 +183,7 @@ def vmop_force_round(
             continue
         deadline = parse_time(shutdown["deadline"]).timestamp()
         deadlines.append(deadline)
+        sigterms.append(sigterm)
         samples.append((sigterm - deadline, stopped - deadline))
         attempts.append(int(shutdown.get("attempts") or 0))
         outcomes.append(shutdown.get("outcome"))
@@ -202,6 +204,8 @@ def vmop_force_round(
         destroy_ready_ahead={"min": round(min(ready), 4) if ready else None, "p50": round(percentile(ready, 50), 4)},
         # forced without being armed ahead (decided only at or after the deadline): none in the log
         destroy_not_armed=len(samples) - len(sent_late),
+        # what the forces competed with: the machine's cores from the first deadline to the last SIGTERM
+        machine_cpu_while_due=cpu.share(min(deadlines), max(sigterms)) if deadlines else None,
     )
     print(f"  vmop N={n}: { {k: v for k, v in result.items() if k != 'samples'} }", flush=True)
     return result

@@ -615,7 +615,7 @@ class Hypervisor:
                     ahead = due - time.monotonic()
                     if called_off.wait(max(0.0, ahead)):
                         return False
-                late = time.monotonic() - due
+                sent = time.monotonic()
                 self._on_action("destroy")  # here, on the force's thread: an armed destroy called off is none
                 try:
                     (domain or _lookup(conn, uuid)).destroyFlags(flags)
@@ -627,10 +627,10 @@ class Hypervisor:
                     # before the deadline it was ready to send (too little: its arming came late).
                     logger.info(
                         "destroy sent %.4fs after it fell due (armed %.4fs, ready %.4fs before)",
-                        late,
+                        sent - due,
                         delay,
                         ahead,
-                        extra={"domain": uuid, "late": late, "armed": delay, "ahead": ahead},
+                        extra={"domain": uuid, "late": sent - due, "armed": delay, "ahead": ahead},
                     )
                 return True
 

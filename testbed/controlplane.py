@@ -582,6 +582,11 @@ class ControlPlane:
         return self._servers[_APISERVER]
 
     @property
+    def pids(self) -> dict[str, int]:
+        """The running servers' PIDs by name (etcd, kube-apiserver, ...): for the bench's CPU accounting."""
+        return {name: server.proc.pid for name, server in self._servers.items() if not server.exited()}
+
+    @property
     def apiserver_running(self) -> bool:
         return not self._apiserver().exited()
 
