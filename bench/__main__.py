@@ -46,22 +46,22 @@ class Sizes:
     deadline_alone: int = 30
     deadline_grace: int = 5
     deadline_retry: int = 1
-    graceful_guests: int = 8
+    graceful_guests: int = 6
     parallel_coop: int = 2
-    parallel_stubborn: int = 6
+    parallel_stubborn: int = 4
     parallel_grace: int = 5
-    agent_hung: int = 6
+    agent_hung: int = 4
     agent_neighbours: int = 8
     agent_neighbour_grace: int = 3
     scale_vms: int = 1000
     foreign_own: int = 10
-    idle_seconds: float = 30.0
+    idle_seconds: float = 15.0
     storage_depths: tuple[int, ...] = (1, 3, 8)
     storage_cold_runs: int = 20
     storage_warm_runs: int = 200
     storage_vms: int = 200
     maintenance_groups: int = 3
-    maintenance_per_group: int = 10
+    maintenance_per_group: int = 8
     maintenance_coop_per_group: int = 1
     maintenance_grace: int = 5
 
