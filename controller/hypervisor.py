@@ -625,12 +625,13 @@ class Hypervisor:
                 if armed:
                     # The operator's own share of a late force (the rest is libvirtd's and QEMU's), and how long
                     # before the deadline it was ready to send (too little: its arming came late).
+                    late = sent - due
                     logger.info(
                         "destroy sent %.4fs after it fell due (armed %.4fs, ready %.4fs before)",
-                        sent - due,
+                        late,
                         delay,
                         ahead,
-                        extra={"domain": uuid, "late": sent - due, "armed": delay, "ahead": ahead},
+                        extra={"domain": uuid, "late": late, "armed": delay, "ahead": ahead},
                     )
                 return True
 

@@ -170,21 +170,24 @@ def test_an_armed_force_is_sent_when_due_on_a_connection_of_its_own_and_can_be_c
             await asyncio.wait_for(connected.wait(), timeout=5)
             uids = await _running_domains(hypervisor, 3)
 
-            async def state(uid: str) -> DomainState:
-                return await _state(hypervisor, uid)
-
             loop = asyncio.get_running_loop()
             began = loop.time()
             abort = asyncio.Event()
             armed = [asyncio.create_task(hypervisor.force_off(uid, delay=0.3)) for uid in uids[:2]]
             called_off = asyncio.create_task(hypervisor.force_off(uids[2], delay=0.3, abort=abort))
             await asyncio.sleep(0.1)
-            assert [await state(uid) for uid in uids] == [DomainState.RUNNING] * 3, "nothing sent before it is due"
+            assert [await _state(hypervisor, uid) for uid in uids] == [DomainState.RUNNING] * 3, (
+                "nothing sent before it is due"
+            )
             abort.set()
             assert await called_off is False
             assert await asyncio.gather(*armed) == [True, True]
             assert loop.time() - began >= 0.3
-            assert [await state(uid) for uid in uids] == [DomainState.STOPPED, DomainState.STOPPED, DomainState.RUNNING]
+            assert [await _state(hypervisor, uid) for uid in uids] == [
+                DomainState.STOPPED,
+                DomainState.STOPPED,
+                DomainState.RUNNING,
+            ]
             assert len(hypervisor._idle_forces) >= 2, "the two forces had connections of their own, kept for reuse"
             assert actions.count("destroy") == 2, "a force called off is no action"
             sent = [r for r in caplog.records if r.getMessage().startswith("destroy sent")]
